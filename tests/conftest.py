@@ -1,0 +1,11 @@
+"""Test-wide JAX settings: 8 fake CPU devices (sharding tests), a persistent compile cache,
+and cheaper XLA optimisation (unit tests are compile-bound on tiny models)."""
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.dirname(__file__), "..", ".jax_cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
