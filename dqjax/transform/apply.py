@@ -132,16 +132,19 @@ def transform_inputs(xs: list, st: OpState) -> list:
   return xs
 
 
-StatFn = Callable[[OpPlan, str, jax.Array], Any]
+# stat_fn(op, operand, x) -> {stat name: stat pytree (no dicts inside)} or None
+StatFn = Callable[[OpPlan, str, jax.Array], Optional[dict]]
 
 
 def make_interceptor(plan: Plan, qstate: QState, t, *, quantize_acts: bool = True,
-                     stat_fn: Optional[StatFn] = None, stat_reduce: Optional[Callable] = None):
+                     stat_fn: Optional[StatFn] = None, stat_reduce: Optional[Callable] = None,
+                     int_codes: Optional[dict] = None):
   """The Flax method interceptor that quantizes activation operands of planned ops.
 
   With `stat_fn`, the (transformed, not yet quantized) operands are also summarised and sown into the
-  `dqjax_stats` collection under the op's module scope as '<operand>'; `stat_reduce(a, b)` merges two
-  calls of the same op in one forward pass.
+  `dqjax_stats` collection under the op's module scope, one entry per stat name; `stat_reduce(a, b)` merges two
+  calls of the same op in one forward pass. `int_codes` ({path: int8 weight codes}, deploy mode) runs the
+  eligible Dense/Conv ops with integer kernels.
   """
   by_path = {op.path: op for op in plan.ops}
 
@@ -157,10 +160,14 @@ def make_interceptor(plan: Plan, qstate: QState, t, *, quantize_acts: bool = Tru
     xs = transform_inputs(list(args[:n]), st)
     branch_in = xs[0]
     if stat_fn is not None:
-      for name, x in zip(op.info.operands, xs):
-        stat = stat_fn(op, name, x)
-        if stat is not None:
+      for operand, x in zip(op.info.operands, xs):
+        for name, stat in (stat_fn(op, operand, x) or {}).items():
           _sow(context.module, name, stat, stat_reduce)
+    if int_codes is not None and path in int_codes:
+      from dqjax import deploy as deploy_lib
+      if deploy_lib.int8_capable(op, st, context.module):
+        return deploy_lib.int8_op(context.module, xs[0], int_codes[path], st.weight.scale,
+                                  _act_params(op, st, "input", t), op.act_spec("input"))
     if quantize_acts and op.acts:
       xs = [quantize_operand(x, op, st, name, t) for name, x in zip(op.info.operands, xs)]
     out = next_fun(*xs, *args[n:], **kwargs)
@@ -183,7 +190,7 @@ def _sow(module: nn.Module, name: str, value, reduce):
 # --- the public entry points ---------------------------------------------------------------------------
 def quantized_apply(model: nn.Module, plan: Plan, params: Any, qstate: QState, *args, t=None,
                     mode: str = "simulate", adaround_hard: bool = True, deployed: Any = None,
-                    method=None, **kwargs):
+                    use_int_kernels: bool = True, method=None, **kwargs):
   """Run `model` quantized. `t` selects timestep-table entries (scalar or [B]); for diffusion models
   called as model(x, t, cond) pass it positionally *and* as `t=` (see `denoiser`)."""
   if mode not in MODES:
@@ -192,20 +199,22 @@ def quantized_apply(model: nn.Module, plan: Plan, params: Any, qstate: QState, *
       lambda v, *a, **kw: model.apply(v, *a, method=method, **kw))
   if mode == "fp":
     return call({"params": params}, *args, **kwargs)
+  int_codes = None
   if mode == "simulate":
     qparams = quantized_params(plan, params, qstate, adaround_hard=adaround_hard)
   else:
     from dqjax import deploy as deploy_lib
     if deployed is None:
-      raise ValueError("mode='deploy' needs `deployed` (from dqjax.deploy.to_deploy)")
-    qparams = deploy_lib.restore_kernels(plan, params, deployed)
-  with nn.intercept_methods(make_interceptor(plan, qstate, t)):
+      raise ValueError("mode='deploy' needs `deployed` (from dqjax.deploy.deploy_state)")
+    qparams = deploy_lib.restore_kernels(plan, params, deployed, qstate)
+    int_codes = deploy_lib.int8_codes(plan, deployed) if use_int_kernels else None
+  with nn.intercept_methods(make_interceptor(plan, qstate, t, int_codes=int_codes)):
     return call({"params": qparams}, *args, **kwargs)
 
 
 def observe(model: nn.Module, plan: Plan, params: Any, qstate: QState, stat_fn: StatFn, *args, t=None,
             stat_reduce: Optional[Callable] = None, quantize: bool = False, method=None, **kwargs):
-  """Run the model and return `{op path: {operand: stat}}` from `stat_fn` (pure; jit it).
+  """Run the model and return `{op path: {stat name: stat}}` from `stat_fn` (pure; jit it).
 
   `quantize=True` runs the already-calibrated ops quantized while observing (sequential calibration, as
   in BRECQ's "asymmetric" reconstruction inputs); by default the model runs in float.

@@ -1,0 +1,178 @@
+"""Methods as recipes: ordered compositions of small passes, in the spirit of optax's chains.
+
+A *pass* is built by a factory that binds its config (`mse_weights(num_candidates=100)`), and is then a
+pure function `QModel, CalibData -> QModel`: it may rewrite parameters equivalently (smoothing, low-rank
+splits), change the plan (mixed precision, input splits), fill the quantization state (scales, tables,
+rounding variables, LoRA) or attach a sampler correction. A *recipe* is rules + passes + defaults, and the
+registry maps method names to recipe builders so that a benchmark picks up every registered method.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax
+
+from dqjax.calib.data import CalibData
+from dqjax.transform import apply as qapply
+from dqjax.transform.discover import discover
+from dqjax.transform.rules import Plan, Rule, make_plan
+from dqjax.transform.state import QState, empty_qstate
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerCorrection:
+  """A correction applied by the sampler to the quantized model's ε at every step (PTQD, D²-DPM, TaC, QNCD).
+
+  `fn(state, eps, info) -> (eps, noise_var_delta)` is a static function (registered by name for
+  checkpoints); `state` is its pytree of arrays (per-step tables). See `dqjax.diffusion.samplers.StepInfo`.
+  """
+  name: str
+  fn: Callable
+  state: Any
+
+  def __call__(self, eps, info):
+    return self.fn(self.state, eps, info)
+
+
+def chain_corrections(corrections: Sequence[SamplerCorrection]) -> Optional[Callable]:
+  """One sampler hook applying corrections in order (variance deltas add up)."""
+  if not corrections:
+    return None
+
+  def hook(eps, info):
+    total = 0.0
+    for c in corrections:
+      eps, dv = c(eps, info)
+      total = total + dv
+    return eps, total
+
+  return hook
+
+
+@dataclasses.dataclass(frozen=True)
+class QModel:
+  """A model being quantized: static parts (model, plan) and arrays (params, qstate, FP reference).
+
+  `params` are the (possibly equivalently rewritten) parameters the quantized model runs with;
+  `fp_params` the untouched float parameters (teacher / reference for paired comparisons).
+  """
+  model: nn.Module
+  plan: Plan
+  params: Any
+  qstate: QState
+  fp_params: Any
+  num_train_timesteps: int = 1000
+  corrections: tuple[SamplerCorrection, ...] = ()
+  meta: dict = dataclasses.field(default_factory=dict)
+
+  def replace(self, **changes) -> "QModel":
+    return dataclasses.replace(self, **changes)
+
+  def apply(self, x, t, cond=None, *, mode: str = "simulate", **kw):
+    params = self.fp_params if mode == "fp" else self.params
+    return qapply.quantized_apply(self.model, self.plan, params, self.qstate, x, t, cond, t=t, mode=mode,
+                                  **kw)
+
+  def denoiser(self, mode: str = "simulate", **kw) -> Callable:
+    """`denoise(x, t, cond)` for the samplers."""
+    if mode == "fp":
+      return lambda x, t, cond=None: self.model.apply({"params": self.fp_params}, x, t, cond)
+    return qapply.denoiser(self.model, self.plan, self.params, self.qstate, mode=mode, **kw)
+
+  @property
+  def correction(self) -> Optional[Callable]:
+    return chain_corrections(self.corrections)
+
+
+Pass = Callable[[QModel, CalibData], QModel]
+
+
+def chain(*passes: Pass) -> Pass:
+  """Compose passes left to right."""
+
+  def run(qm: QModel, data: CalibData) -> QModel:
+    for p in passes:
+      qm = p(qm, data)
+    return qm
+
+  return run
+
+
+def prepare(model: nn.Module, params: Any, rules: Sequence[Rule], example_args: Sequence[Any], *,
+            num_train_timesteps: int = 1000, warn_unused: bool = True) -> QModel:
+  """Discover ops, resolve rules and return an uncalibrated QModel."""
+  ops = discover(model, {"params": params}, *example_args)
+  plan = make_plan(ops, rules, warn_unused=warn_unused)
+  return QModel(model, plan, params, empty_qstate(plan), params, num_train_timesteps)
+
+
+# --- recipes and the registry ------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+  """A method: how to build rules for a bit setting and which passes calibrate it.
+
+  rules: (w_bits, a_bits, model_family) -> rules.
+  passes: the pass chain (already bound to its config).
+  """
+  name: str
+  family: str
+  rules: Callable[..., Sequence[Rule]]
+  passes: Pass
+  description: str = ""
+
+  def __call__(self, model: nn.Module, params: Any, example_args, data: CalibData, *, w_bits: int,
+               a_bits: int, model_family: str = "unet", num_train_timesteps: int = 1000) -> QModel:
+    qm = prepare(model, params, self.rules(w_bits, a_bits, model_family), example_args,
+                 num_train_timesteps=num_train_timesteps, warn_unused=False)
+    qm = qm.replace(meta={**qm.meta, "method": self.name, "w_bits": w_bits, "a_bits": a_bits,
+                          "model_family": model_family})
+    return self.passes(qm, data)
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodEntry:
+  name: str
+  family: str                       # survey taxonomy, e.g. 'baseline', 'unet_ptq/bimodal', 'dit_ptq/group'
+  builder: Callable[..., Recipe]    # builder(config: ml_collections.ConfigDict | None) -> Recipe
+  model_families: tuple[str, ...]   # which zoo model families it applies to: 'unet', 'dit', 'unet_text'
+  paper: str = ""
+
+
+_REGISTRY: dict[str, MethodEntry] = {}
+
+
+def register(name: str, *, family: str, model_families: Sequence[str] = ("unet", "dit", "unet_text"),
+             paper: str = "") -> Callable:
+  """Decorator registering a recipe builder under `name`."""
+
+  def deco(builder):
+    if name in _REGISTRY:
+      raise ValueError(f"method {name!r} is registered twice")
+    _REGISTRY[name] = MethodEntry(name, family, builder, tuple(model_families), paper)
+    return builder
+
+  return deco
+
+
+def available(model_family: Optional[str] = None) -> list[str]:
+  _load_all()
+  return sorted(n for n, e in _REGISTRY.items() if model_family is None or model_family in e.model_families)
+
+
+def get(name: str) -> MethodEntry:
+  _load_all()
+  if name not in _REGISTRY:
+    raise ValueError(f"unknown method {name!r}; accepted values: {', '.join(sorted(_REGISTRY))}")
+  return _REGISTRY[name]
+
+
+def build(name: str, config: Any = None) -> Recipe:
+  return get(name).builder(config)
+
+
+def _load_all():
+  # Importing the method modules registers them.
+  from dqjax import methods  # noqa: F401
+  methods.load_all()
