@@ -206,6 +206,8 @@ def calibrate_activations(qm, data: CalibData, method: str = "minmax", *,
   data = data.validate()
   batch_size = batch_size or data.num_samples
   plan = qm.plan
+  if not any(_operands(op) for op in plan.ops):
+    return qm  # nothing static to calibrate (float or dynamic activations only)
   steps_t = np.asarray(data.ts).astype(int).tolist()
   entry = tables.entry_of_steps(table, steps_t)
   n_entries = tables.num_entries(table, steps_t)

@@ -85,15 +85,20 @@ def replace_kernels(params: Any, new_kernels: dict[str, jax.Array]) -> Any:
 
 
 def quantized_params(plan: Plan, params: Any, qstate: QState, *, adaround_hard: bool = True) -> Any:
-  """Params with every planned kernel fake-quantized (simulate mode)."""
+  """Params with every planned kernel fake-quantized (simulate mode); LoRA merged where present."""
   new = {}
   for op in plan.ops:
-    if op.weight is None:
-      continue
     st = qstate.get(op.path, OpState())
+    if op.weight is None and st.lora is None:
+      continue
     kernel = effective_kernel(get_kernel(params, op.path), st)
-    new[op.path] = fake_quant_kernel(kernel, op, st, adaround_hard=adaround_hard)
+    new[op.path] = kernel if op.weight is None else fake_quant_kernel(kernel, op, st,
+                                                                       adaround_hard=adaround_hard)
   return replace_kernels(params, new)
+
+
+def has_input_transform(st: OpState) -> bool:
+  return st.smooth is not None or st.rotate is not None or st.lowrank is not None
 
 
 # --- activations ------------------------------------------------------------------------------------
@@ -153,9 +158,9 @@ def make_interceptor(plan: Plan, qstate: QState, t, *, quantize_acts: bool = Tru
       return next_fun(*args, **kwargs)
     path = module_path(context.module)
     op = by_path.get(path)
-    if op is None or (not op.quantized and stat_fn is None):
-      return next_fun(*args, **kwargs)
     st = qstate.get(path, OpState())
+    if op is None or not (op.quantized or stat_fn is not None or has_input_transform(st)):
+      return next_fun(*args, **kwargs)
     n = len(op.info.operands)
     xs = transform_inputs(list(args[:n]), st)
     branch_in = xs[0]
