@@ -52,6 +52,20 @@ def chain_corrections(corrections: Sequence[SamplerCorrection]) -> Optional[Call
 
 
 @dataclasses.dataclass(frozen=True)
+class DiffusionEnv:
+  """What a pass needs to know about the diffusion process beyond the calibration set: methods that
+  compare FP and quantized trajectories (PTQD, D²-DPM, TaC), train (TDQ, QAT, LoRA) or draw fresh
+  samples use it. Built by the zoo/bench from a model's card."""
+  schedule: Any                                   # dqjax.diffusion.schedules.NoiseSchedule
+  sampler: Any                                    # dqjax.diffusion.samplers.SamplerConfig
+  sample_shape: tuple                             # per-sample model input shape (H, W, C)
+  cond_sampler: Optional[Callable] = None         # (key, n) -> conditioning for n samples, or None
+  null_cond: Any = None                           # the CFG null conditioning (one sample's worth)
+  guidance_scale: float = 1.0
+  seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
 class QModel:
   """A model being quantized: static parts (model, plan) and arrays (params, qstate, FP reference).
 
@@ -66,6 +80,7 @@ class QModel:
   num_train_timesteps: int = 1000
   corrections: tuple[SamplerCorrection, ...] = ()
   meta: dict = dataclasses.field(default_factory=dict)
+  env: Optional[DiffusionEnv] = None
 
   def replace(self, **changes) -> "QModel":
     return dataclasses.replace(self, **changes)
@@ -123,9 +138,11 @@ class Recipe:
   description: str = ""
 
   def __call__(self, model: nn.Module, params: Any, example_args, data: CalibData, *, w_bits: int,
-               a_bits: int, model_family: str = "unet", num_train_timesteps: int = 1000) -> QModel:
+               a_bits: int, model_family: str = "unet", num_train_timesteps: int = 1000,
+               env: Optional[DiffusionEnv] = None) -> QModel:
     qm = prepare(model, params, self.rules(w_bits, a_bits, model_family), example_args,
                  num_train_timesteps=num_train_timesteps, warn_unused=False)
+    qm = qm.replace(env=env)
     qm = qm.replace(meta={**qm.meta, "method": self.name, "w_bits": w_bits, "a_bits": a_bits,
                           "model_family": model_family})
     return self.passes(qm, data)
