@@ -41,10 +41,23 @@ def schedule_from_betas(betas, prediction_type: str = "epsilon") -> NoiseSchedul
     raise ValueError(f"betas must be a 1-D array of at least 2 values; got shape {b.shape}")
   if not np.all((b > 0) & (b < 1)):
     raise ValueError("betas must all lie in the open interval (0, 1)")
-  alphas = (1.0 - b).astype(np.float32)
-  alphas_cumprod = np.cumprod(alphas, dtype=np.float32)   # float32 cumprod, as diffusers does
+  alphas = (np.float32(1.0) - b).astype(np.float32)
+  # torch.cumprod accumulates float32 inputs in float64 on the CPU: do the same so that ᾱ matches diffusers
+  # bit for bit (a float32 running product drifts by ~1e-6 relative, visible where ᾱ ≈ 0 for 'cosine')
+  alphas_cumprod = np.cumprod(alphas.astype(np.float64)).astype(np.float32)
   return NoiseSchedule(jnp.asarray(b), jnp.asarray(alphas), jnp.asarray(alphas_cumprod), prediction_type,
                        int(b.shape[0]))
+
+
+def _torch_linspace_f32(start: float, end: float, n: int) -> np.ndarray:
+  """`torch.linspace(start, end, n, dtype=float32)` exactly: float32 step, fused multiply-add from the start
+  for the first half and from the end for the second half (so diffusers' β match bit for bit)."""
+  a, b = np.float32(start), np.float32(end)
+  step = (b - a) / np.float32(n - 1)
+  i = np.arange(n, dtype=np.float64)
+  lo = (np.float64(a) + np.float64(step) * i).astype(np.float32)
+  hi = (np.float64(b) - np.float64(step) * (n - 1 - i)).astype(np.float32)
+  return np.where(np.arange(n) < n // 2, lo, hi).astype(np.float32)
 
 
 def make_schedule(kind: str = "linear", num_train_timesteps: int = 1000, beta_start: float = 1e-4,
@@ -66,9 +79,9 @@ def make_schedule(kind: str = "linear", num_train_timesteps: int = 1000, beta_st
       raise ValueError(f"beta_start={beta_start!r} and beta_end={beta_end!r} must satisfy "
                        "0 < beta_start ≤ beta_end < 1")
   if kind == "linear":
-    betas = np.linspace(beta_start, beta_end, n, dtype=np.float64)
+    betas = _torch_linspace_f32(beta_start, beta_end, n)
   elif kind == "scaled_linear":
-    betas = np.linspace(beta_start ** 0.5, beta_end ** 0.5, n, dtype=np.float64) ** 2
+    betas = _torch_linspace_f32(beta_start ** 0.5, beta_end ** 0.5, n) ** 2
   else:
     f = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
     betas = np.array([min(1 - f((i + 1) / n) / f(i / n), 0.999) for i in range(n)], np.float64)
