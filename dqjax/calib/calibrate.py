@@ -243,10 +243,11 @@ def calibrate_activations(qm, data: CalibData, method: str = "minmax", *,
         if kind == "errors":
           final[path][name] = jax.vmap(search.finalize_errors)(summed, lo, hi)
         elif method == "percentile":
-          final[path][name] = jax.vmap(lambda h, l, u: search.percentile_from_hist(h, l, u, percentile))(
-              summed, lo, hi)
+          pct = lambda h, l, u: search.percentile_from_hist(h, l, u, percentile)
+          final[path][name] = jax.vmap(jax.vmap(pct))(summed, lo, hi)
         else:
-          final[path][name] = jax.vmap(lambda h, l, u: search.kl_from_hist(h, l, u, spec))(summed, lo, hi)
+          kl = lambda h, l, u, spec=spec: search.kl_from_hist(h, l, u, spec)
+          final[path][name] = jax.vmap(jax.vmap(kl))(summed, lo, hi)
 
   qstate = dict(qm.qstate)
   for path, by in final.items():
