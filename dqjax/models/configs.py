@@ -21,7 +21,7 @@ IGNORED_KEYS = frozenset({
     "latents_mean", "latents_std", "use_quant_conv", "use_post_quant_conv", "shift_factor",
     "upcast_softmax", "num_vq_embeddings_groups", "lookup_from_codebook", "vq_embed_dim",
     "norm_elementwise_affine", "activation_fn", "norm_type", "attention_bias", "upcast_attention",
-    "num_embeds_ada_norm_legacy", "class_embed_type_legacy",
+    "num_train_timesteps", "norm_num_groups", "time_embedding_type", "class_embed_type", "num_class_embeds",
 })
 
 
