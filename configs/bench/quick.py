@@ -1,0 +1,23 @@
+r"""The quick benchmark (≤ 5 minutes on 2 CPU cores): one model, the baselines and every registered
+U-Net method, small sample counts. The README's main command runs it.
+
+  python -m experiments.bench --config=configs/bench/quick.py --workdir=runs/quick
+"""
+import ml_collections
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+  c.title = "dqjax quick benchmark"
+  c.models = ("ldm-mnist",)
+  c.methods = ("minmax", "mse")
+  c.settings = ("W8A8", "W4A8", "W4A4")
+  c.num_samples = 128
+  c.batch_size = 128
+  c.calib_samples = 32
+  c.calib_steps = 5
+  c.calib_policy = "uniform"
+  c.seed = 0
+  c.save_grids = True
+  c.method_overrides = {}
+  return c

@@ -1,0 +1,24 @@
+r"""The full offline survey tables: unconditional (ldm-mnist, ddpm-mnist), class-conditional
+(ldm-mnist-cond, dit-mnist) and text-conditional (sd-mnist) models, every registered method, W8A8 / W4A8 /
+W4A4. Goal ≤ 60 minutes on 2 CPU cores.
+
+  python -m experiments.bench --config=configs/bench/survey.py --workdir=runs/survey
+"""
+import ml_collections
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+  c.title = "dqjax survey benchmark (offline zoo)"
+  c.models = ("ldm-mnist", "ddpm-mnist", "ldm-mnist-cond", "dit-mnist", "sd-mnist")
+  c.methods = ("all",)
+  c.settings = ("W8A8", "W4A8", "W4A4")
+  c.num_samples = 500
+  c.batch_size = 250
+  c.calib_samples = 64
+  c.calib_steps = 10
+  c.calib_policy = "uniform"
+  c.seed = 0
+  c.save_grids = True
+  c.method_overrides = {}
+  return c

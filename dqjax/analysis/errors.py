@@ -1,0 +1,120 @@
+"""Error analysis, the survey's qualitative part: activation ranges over timesteps, per-step error
+trajectories, per-layer sensitivity, FP-vs-method image grids."""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from dqjax.calib import calibrate
+from dqjax.calib.data import CalibData
+from dqjax.transform.rules import Plan
+
+
+def _plt():
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt
+
+
+def activation_ranges_over_time(qm, data: CalibData, layers: Optional[Sequence[str]] = None) -> dict:
+  """{layer: (t [S], lo [S], hi [S])} per-tensor input range of each layer at every calibration step."""
+  ranges = calibrate.activation_ranges(qm, data)
+  layers = layers or list(ranges)
+  out = {}
+  for path in layers:
+    if path not in ranges:
+      raise ValueError(f"layer {path!r} has no observed activation; known: {', '.join(sorted(ranges))}")
+    name = "input" if "input" in ranges[path] else sorted(ranges[path])[0]
+    lo, hi = ranges[path][name]
+    out[path] = (np.asarray(data.ts), np.asarray(lo).min(axis=-1), np.asarray(hi).max(axis=-1))
+  return out
+
+
+def plot_activation_ranges(ranges: dict, path: str, title: str = "Activation range over timesteps") -> str:
+  plt = _plt()
+  fig, ax = plt.subplots(figsize=(7, 4))
+  for i, (layer, (t, lo, hi)) in enumerate(ranges.items()):
+    color = plt.cm.tab10(i % 10)
+    ax.fill_between(t, lo, hi, alpha=0.15, color=color)
+    ax.plot(t, hi, color=color, label=layer)
+    ax.plot(t, lo, color=color, linestyle="--")
+  ax.set_xlabel("timestep t")
+  ax.set_ylabel("activation min / max")
+  ax.invert_xaxis()
+  ax.set_title(title)
+  ax.legend(fontsize=7, loc="best")
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
+def plot_error_trajectories(rows: Sequence[dict], path: str, *, model: str, setting: str) -> str:
+  """Per-step MSE between FP and quantized sampling trajectories (same noise), one line per method."""
+  plt = _plt()
+  fig, ax = plt.subplots(figsize=(7, 4))
+  for r in rows:
+    if r["model"] != model or r["setting"] != setting or not r.get("traj_mse"):
+      continue
+    ax.semilogy(np.arange(len(r["traj_mse"])), np.maximum(r["traj_mse"], 1e-12), label=r["method"])
+  ax.set_xlabel("sampler step (0 = noisiest)")
+  ax.set_ylabel("MSE(x_t quantized, x_t FP)")
+  ax.set_title(f"{model} {setting}: error accumulation along the trajectory")
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
+def layer_sensitivity(qm, data: CalibData, *, max_layers: Optional[int] = None) -> list[tuple[str, float]]:
+  """Output MSE against FP when only one layer is quantized (its calibrated state), for every quantized
+  op; sorted from most to least sensitive. Uses the calibration inputs of every step."""
+  x, t, c = data.flat()
+  fp = jax.jit(lambda: qm.model.apply({"params": qm.fp_params}, x, t, c))()
+  results = []
+  ops = [op for op in qm.plan.ops if op.quantized][:max_layers]
+  for op in tqdm(ops, desc="sensitivity", unit="layer"):
+    only = Plan(tuple(o if o.path == op.path else _float(o) for o in qm.plan.ops))
+    one = qm.replace(plan=only)
+    out = jax.jit(lambda: one.apply(x, t, c))()
+    results.append((op.path, float(jnp.mean((out - fp) ** 2))))
+  return sorted(results, key=lambda r: -r[1])
+
+
+def _float(op):
+  import dataclasses
+  return dataclasses.replace(op, weight=None, acts=())
+
+
+def sensitivity_table(results: Sequence[tuple[str, float]]) -> str:
+  lines = ["| layer | output MSE when only this layer is quantized |", "|---|---|"]
+  lines += [f"| {p} | {v:.3e} |" for p, v in results]
+  return "\n".join(lines)
+
+
+def comparison_grid(images: dict, path: str, n: int = 8) -> str:
+  """One row per method (FP first) of the same n samples, so differences are visible side by side."""
+  from dqjax.benchmark import report
+  names = list(images)
+  stacked = np.concatenate([np.asarray(images[k][:n]) for k in names], axis=0)
+  plt = _plt()
+  g = report.grid(stacked, ncol=n)
+  fig, ax = plt.subplots(figsize=(n * 0.6 + 1.5, len(names) * 0.65 + 0.3))
+  ax.imshow(g[..., 0] if g.shape[-1] == 1 else g, cmap="gray")
+  step = g.shape[0] / len(names)
+  ax.set_yticks([step * (i + 0.5) for i in range(len(names))], names, fontsize=7)
+  ax.set_xticks([])
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path

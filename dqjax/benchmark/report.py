@@ -1,0 +1,106 @@
+"""Survey-style tables (Markdown + CSV) and image grids from benchmark rows."""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+from typing import Sequence
+
+import numpy as np
+
+# (column title, row key, format); ↑/↓ say which direction is better, as in the survey's tables.
+COLUMNS = (
+    ("Method", "method", "{}"),
+    ("W/A", "setting", "{}"),
+    ("Size (MB)", "size_mb", "{:.3f}"),
+    ("BOPs (G)", "bops_g", "{:.3f}"),
+    ("IS ↑", "is", "{:.2f}"),
+    ("FID ↓", "fid", "{:.2f}"),
+    ("sFID ↓", "sfid", "{:.2f}"),
+    ("Prec. ↑", "precision", "{:.3f}"),
+    ("Rec. ↑", "recall", "{:.3f}"),
+    ("Cond. acc ↑", "cond_acc", "{:.3f}"),
+    ("PSNR vs FP ↑", "psnr", "{:.2f}"),
+    ("SSIM vs FP ↑", "ssim", "{:.3f}"),
+)
+SETTING_ORDER = {"FP": 0, "W8A8": 1, "W4A8": 2, "W4A4": 3}
+
+
+def _fmt(fmt, v):
+  if v is None:
+    return "–"
+  if isinstance(v, float) and math.isinf(v):
+    return "∞"
+  try:
+    return fmt.format(v)
+  except (ValueError, TypeError):
+    return str(v)
+
+
+def sort_rows(rows: Sequence[dict]) -> list[dict]:
+  return sorted(rows, key=lambda r: (r["model"], SETTING_ORDER.get(r["setting"], 9), r["method"] != "minmax",
+                                     r["method"] != "mse", r["method"]))
+
+
+def markdown_table(rows: Sequence[dict], *, title: str = "") -> str:
+  """One table per model, rows grouped by bit setting like the survey's."""
+  out = []
+  for model in sorted({r["model"] for r in rows}):
+    mrows = sort_rows([r for r in rows if r["model"] == model])
+    cols = [c for c in COLUMNS if any(r.get(c[1]) is not None for r in mrows)]
+    n = mrows[0].get("num_samples", "?")
+    out.append(f"### {title}{model} ({n} samples per row)\n")
+    out.append("| " + " | ".join(c[0] for c in cols) + " |")
+    out.append("|" + "---|" * len(cols))
+    for r in mrows:
+      out.append("| " + " | ".join(_fmt(c[2], r.get(c[1])) for c in cols) + " |")
+    out.append("")
+  return "\n".join(out)
+
+
+def csv_table(rows: Sequence[dict]) -> str:
+  keys = ["model", "family", "method", "setting", "w_bits", "a_bits"] + [c[1] for c in COLUMNS[2:]] + [
+      "quant_seconds", "num_samples"]
+  buf = io.StringIO()
+  w = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
+  w.writeheader()
+  for r in sort_rows(rows):
+    w.writerow(r)
+  return buf.getvalue()
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+  """[-1, 1] float images → uint8."""
+  return np.clip(np.round((np.asarray(images) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def grid(images: np.ndarray, ncol: int = 8, pad: int = 2) -> np.ndarray:
+  """Tile [N, H, W, C] images in [-1, 1] into one uint8 image."""
+  imgs = to_uint8(images)
+  n, h, w, c = imgs.shape
+  nrow = int(math.ceil(n / ncol))
+  canvas = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), 255, np.uint8)
+  for i in range(n):
+    r, col = divmod(i, ncol)
+    canvas[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = imgs[i]
+  return canvas
+
+
+def save_grid(images: np.ndarray, path: str, ncol: int = 8) -> str:
+  from PIL import Image
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  g = grid(images, ncol)
+  Image.fromarray(g[..., 0] if g.shape[-1] == 1 else g).save(path)
+  return path
+
+
+def write_reports(rows: Sequence[dict], workdir: str, *, header: str = "") -> dict:
+  """tables.md and table.csv in the workdir; returns their paths."""
+  md = os.path.join(workdir, "tables.md")
+  cs = os.path.join(workdir, "table.csv")
+  with open(md, "w") as f:
+    f.write(header + "\n\n" + markdown_table(rows))
+  with open(cs, "w") as f:
+    f.write(csv_table(rows))
+  return {"markdown": md, "csv": cs}

@@ -1,0 +1,249 @@
+"""The benchmark: quantize zoo models with registered methods at the survey's bit settings and measure
+them the way the survey does, plus paired fidelity against FP from identical noise.
+
+One *row* = (model, method, bit setting). Rows are written to `<workdir>/rows/*.json` as soon as they are
+done, so an interrupted run restarted with the same workdir resumes where it stopped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from dqjax.benchmark import costs
+from dqjax.calib.data import CalibData, from_trajectory, select
+from dqjax.methods import recipe as recipe_lib
+from dqjax.quant.spec import parse_bits
+
+FP_METHOD = "fp"
+
+
+@dataclasses.dataclass(frozen=True)
+class SuiteConfig:
+  """A validated benchmark suite (built from an ml_collections config by `suite_from_config`)."""
+  models: tuple[str, ...]
+  methods: tuple[str, ...]               # may contain 'all' (every registered method for the model family)
+  settings: tuple[str, ...]              # 'W8A8', 'W4A8', ...
+  num_samples: int = 256                 # evaluation samples per row
+  batch_size: int = 128
+  calib_samples: int = 64                # calibration samples per selected step
+  calib_steps: int = 10                  # selected steps of the FP trajectory
+  calib_policy: str = "uniform"
+  seed: int = 0
+  save_grids: bool = True
+  method_overrides: tuple = ()           # ((method, {field: value}), ...) applied on top of method configs
+
+
+def _positive(name, v):
+  if not isinstance(v, int) or v <= 0:
+    raise ValueError(f"bench config field {name}={v!r} must be a positive integer")
+
+
+def suite_from_config(cfg: Any) -> SuiteConfig:
+  """Validate a bench config before any heavy work; every error names the field and the accepted values."""
+  from dqjax import zoo
+  models = tuple(cfg.models)
+  for m in models:
+    if m not in zoo.NAMES:
+      raise ValueError(f"bench config field models has unknown model {m!r}; accepted values: "
+                       f"{', '.join(zoo.NAMES)}")
+  known = recipe_lib.available()
+  methods = tuple(cfg.methods)
+  for m in methods:
+    if m not in known and m not in ("all", FP_METHOD):
+      raise ValueError(f"bench config field methods has unknown method {m!r}; accepted values: all, "
+                       f"{', '.join(known)}")
+  settings = tuple(str(s).upper() for s in cfg.settings)
+  for s in settings:
+    try:
+      parse_bits(s)
+    except ValueError as e:
+      raise ValueError(f"bench config field settings: {e}") from None
+  for name in ("num_samples", "batch_size", "calib_samples", "calib_steps"):
+    _positive(name, int(cfg.get(name, 1)) if not isinstance(cfg.get(name, 1), int) else cfg.get(name, 1))
+  from dqjax.calib.data import SELECTIONS
+  policy = cfg.get("calib_policy", "uniform")
+  if policy not in SELECTIONS:
+    raise ValueError(f"bench config field calib_policy={policy!r}; accepted values: {', '.join(SELECTIONS)}")
+  overrides = tuple((k, dict(v)) for k, v in dict(cfg.get("method_overrides", {})).items())
+  return SuiteConfig(models, methods, settings, cfg.num_samples, cfg.batch_size, cfg.calib_samples,
+                     cfg.calib_steps, policy, cfg.get("seed", 0), cfg.get("save_grids", True), overrides)
+
+
+def method_config(name: str, overrides: dict | None = None):
+  """The method's config from configs/methods/<name>.py (None if it has none), with overrides applied."""
+  import importlib
+  try:
+    mod = importlib.import_module(f"configs.methods.{name}")
+  except ModuleNotFoundError:
+    cfg = None
+  else:
+    cfg = mod.get_config()
+  if overrides:
+    import ml_collections
+    cfg = cfg if cfg is not None else ml_collections.ConfigDict()
+    with cfg.unlocked() if hasattr(cfg, "unlocked") else _null():
+      for k, v in overrides.items():
+        cfg[k] = v
+  return cfg
+
+
+class _null:
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *a):
+    return False
+
+
+# --- one model's shared state: FP trajectory, references ------------------------------------------------
+@dataclasses.dataclass
+class ModelRun:
+  entry: Any                 # zoo entry
+  noise: jax.Array           # [N, ...] fixed initial noise
+  conds: Any                 # conditioning for the N eval samples (or None)
+  labels: Optional[np.ndarray]
+  fp_images: np.ndarray      # decoded FP samples [N, 32, 32, 1]
+  fp_traj: Any               # FP trajectory of the first batch (paired per-step errors)
+  calib: CalibData
+
+
+def _batches(n, bs):
+  for i in range(0, n, bs):
+    yield slice(i, min(n, i + bs))
+
+
+def sample_images(entry, denoise, noise, conds, key, *, correction=None, batch_size=128, trajectory=False):
+  """Decoded images for all initial noises (batched); optionally the trajectory of the first batch."""
+  from dqjax.diffusion import samplers
+  outs, traj = [], None
+  guided = entry.guided(denoise)
+  run = jax.jit(lambda x, c, k: samplers.sample(guided, entry.schedule, entry.sampler, x, k, c,
+                                                correction=correction, return_trajectory=trajectory))
+  for i, sl in enumerate(_batches(noise.shape[0], batch_size)):
+    c = None if conds is None else jax.tree_util.tree_map(lambda a: a[sl], conds)
+    res = run(noise[sl], c, jax.random.fold_in(key, i))
+    if trajectory and traj is None:
+      traj = res.trajectory
+    outs.append(np.asarray(entry.decode(res.x0)))
+  return np.concatenate(outs), traj
+
+
+def prepare_model(name: str, suite: SuiteConfig) -> ModelRun:
+  from dqjax import zoo
+  entry = zoo.load(name)
+  key = jax.random.key(suite.seed)
+  k_noise, k_cond, k_cal = jax.random.split(key, 3)
+  noise = jax.random.normal(k_noise, (suite.num_samples,) + tuple(entry.sample_shape))
+  conds, labels = entry.eval_conditioning(k_cond, suite.num_samples)
+  fp_images, fp_traj = sample_images(entry, entry.fp_denoiser(), noise, conds, jax.random.key(suite.seed + 1),
+                                     batch_size=suite.batch_size, trajectory=True)
+  calib = calibration_data(entry, suite, k_cal)
+  return ModelRun(entry, noise, conds, labels, fp_images, fp_traj, calib)
+
+
+def calibration_data(entry, suite: SuiteConfig, key) -> CalibData:
+  """FP trajectories of fresh noise → the exact denoiser inputs at every step → the selected steps."""
+  from dqjax.diffusion import samplers
+  k1, k2, k3 = jax.random.split(key, 3)
+  x = jax.random.normal(k1, (suite.calib_samples,) + tuple(entry.sample_shape))
+  conds, _ = entry.eval_conditioning(k2, suite.calib_samples)
+  res = jax.jit(lambda x, c, k: samplers.sample(entry.guided(entry.fp_denoiser()), entry.schedule,
+                                                entry.sampler, x, k, c, return_trajectory=True))(x, conds, k3)
+  model_conds = entry.model_conditioning(conds)   # what the network itself receives (CFG doubles the batch)
+  xs = res.trajectory.xs
+  if model_conds is not None and jax.tree_util.tree_leaves(model_conds)[0].shape[0] != xs.shape[1]:
+    xs = jnp.concatenate([xs, xs], axis=1)        # CFG: the network sees every x twice (cond, null)
+  data = from_trajectory(xs, res.trajectory.ts, model_conds)
+  return select(data, suite.calib_policy, min(suite.calib_steps, data.num_steps), seed=suite.seed)
+
+
+# --- one row ----------------------------------------------------------------------------------------
+def run_row(run: ModelRun, method: str, setting: str, suite: SuiteConfig) -> dict:
+  from dqjax import metrics
+  entry = run.entry
+  w_bits, a_bits = parse_bits(setting) if method != FP_METHOD else (32, 32)
+  start = time.perf_counter()
+  if method == FP_METHOD:
+    denoise, correction, plan, qm = entry.fp_denoiser(), None, None, None
+  else:
+    overrides = dict(suite.method_overrides).get(method)
+    rec = recipe_lib.build(method, method_config(method, overrides))
+    qm = rec(entry.model, entry.params, entry.example_args(2), run.calib, w_bits=w_bits, a_bits=a_bits,
+             model_family=entry.family, num_train_timesteps=entry.num_train_timesteps, env=entry.env())
+    jax.block_until_ready(jax.tree_util.tree_leaves(qm.qstate))
+    denoise, correction, plan = qm.denoiser(), qm.correction, qm.plan
+  quant_seconds = time.perf_counter() - start
+  images, traj = sample_images(entry, denoise, run.noise, run.conds, jax.random.key(suite.seed + 1),
+                               correction=correction, batch_size=suite.batch_size, trajectory=True)
+  scores = metrics.evaluate_samples(images, run.labels)
+  row = {"model": entry.name, "method": method, "setting": "FP" if method == FP_METHOD else setting,
+         "w_bits": w_bits, "a_bits": a_bits, **{k: _f(v) for k, v in scores.items()},
+         "psnr": _f(metrics.psnr(images, run.fp_images)), "ssim": _f(metrics.ssim(images, run.fp_images)),
+         "traj_mse": [float(v) for v in np.asarray(metrics.trajectory_mse(traj.xs, run.fp_traj.xs))],
+         "quant_seconds": quant_seconds, "num_samples": int(images.shape[0])}
+  row.update(costs.row_costs(entry, plan))
+  row["family"] = "FP" if method == FP_METHOD else recipe_lib.get(method).family
+  return row, images
+
+
+def _f(v):
+  v = float(v)
+  return v if np.isfinite(v) else (float("inf") if v > 0 else float("-inf"))
+
+
+def rows_for(suite: SuiteConfig, family: str) -> list[tuple[str, str]]:
+  """(method, setting) pairs of a model family: FP once, then every requested method × setting."""
+  methods = []
+  for m in suite.methods:
+    if m == "all":
+      methods += [n for n in recipe_lib.available(family) if n not in methods]
+    elif m != FP_METHOD and family in recipe_lib.get(m).model_families and m not in methods:
+      methods.append(m)
+  return [(FP_METHOD, "FP")] + [(m, s) for m in methods for s in suite.settings]
+
+
+def row_path(workdir: str, model: str, method: str, setting: str) -> str:
+  return os.path.join(workdir, "rows", f"{model}__{method}__{setting}.json")
+
+
+def run_suite(suite: SuiteConfig, workdir: str) -> list[dict]:
+  """Run every row not already in `workdir` and return all rows (done before + now)."""
+  from dqjax.benchmark import report
+  from dqjax import zoo
+  os.makedirs(os.path.join(workdir, "rows"), exist_ok=True)
+  all_rows = []
+  todo = [(m, meth, s) for m in suite.models for meth, s in rows_for(suite, zoo.family_of(m))]
+  bar = tqdm(todo, desc="bench", unit="row")
+  runs: dict[str, ModelRun] = {}
+  for model, method, setting in bar:
+    path = row_path(workdir, model, method, setting)
+    if os.path.exists(path):
+      with open(path) as f:
+        all_rows.append(json.load(f))
+      continue
+    bar.set_postfix_str(f"{model} {method} {setting}")
+    if model not in runs:
+      runs[model] = prepare_model(model, suite)
+    row, images = run_row(runs[model], method, setting, suite)
+    if suite.save_grids:
+      report.save_grid(images[:64], os.path.join(workdir, "grids", f"{model}__{method}__{setting}.png"))
+      os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+      np.save(os.path.join(workdir, "samples", f"{model}__{method}__{setting}.npy"), images[:16])
+    _write_json_atomic(path, row)
+    all_rows.append(row)
+  return all_rows
+
+
+def _write_json_atomic(path: str, obj):
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=1)
+  os.replace(tmp, path)

@@ -1,0 +1,73 @@
+r"""Error-analysis plots for a benchmark run: activation ranges over timesteps (why timestep-aware
+quantization), per-step error trajectories, FP-vs-method image grids, per-layer sensitivity.
+
+  python -m experiments.analyze --bench_dir=runs/quick --model=ldm-mnist --setting=W4A8 --out=runs/analysis
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import jax
+import numpy as np
+from absl import app, flags
+
+from dqjax.analysis import errors
+from dqjax.benchmark import runner
+from dqjax.methods import recipe as recipe_lib
+from dqjax.quant.spec import parse_bits
+
+_BENCH = flags.DEFINE_string("bench_dir", "runs/quick", "a bench run directory (rows/ and samples/)")
+_MODEL = flags.DEFINE_string("model", "ldm-mnist", "zoo model")
+_SETTING = flags.DEFINE_string("setting", "W4A8", "bit setting for trajectories, grids and sensitivity")
+_METHOD = flags.DEFINE_string("method", "minmax", "method whose calibrated model the sensitivity table uses")
+_LAYERS = flags.DEFINE_integer("num_layers", 6, "layers shown in the activation-range plot")
+_OUT = flags.DEFINE_string("out", "runs/analysis", "output directory")
+
+
+def main(argv):
+  del argv
+  from dqjax import zoo
+  if _MODEL.value not in zoo.NAMES:
+    raise app.UsageError(f"--model={_MODEL.value!r}; accepted values: {', '.join(zoo.NAMES)}")
+  parse_bits(_SETTING.value)
+  recipe_lib.get(_METHOD.value)
+  os.makedirs(_OUT.value, exist_ok=True)
+  rows = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(_BENCH.value, "rows", "*.json")))]
+  if not rows:
+    raise app.UsageError(f"--bench_dir={_BENCH.value!r} has no rows; run experiments.bench first")
+  model, setting = _MODEL.value, _SETTING.value.upper()
+  outputs = [errors.plot_error_trajectories(rows, os.path.join(_OUT.value, f"{model}_{setting}_trajectory.png"),
+                                            model=model, setting=setting)]
+  images = {}
+  for path in sorted(glob.glob(os.path.join(_BENCH.value, "samples", f"{model}__*.npy"))):
+    _, method, st = os.path.basename(path)[:-4].split("__")
+    if st in ("FP", setting):
+      images["FP" if st == "FP" else method] = np.load(path)
+  if images:
+    outputs.append(errors.comparison_grid(images, os.path.join(_OUT.value, f"{model}_{setting}_grid.png")))
+  # Activation ranges and sensitivity need the model and its calibration data.
+  suite = runner.SuiteConfig(models=(model,), methods=(_METHOD.value,), settings=(setting,), num_samples=8,
+                             batch_size=8, calib_samples=16, calib_steps=20, calib_policy="all")
+  entry = zoo.load(model)
+  calib = runner.calibration_data(entry, suite, jax.random.key(0))
+  w, a = parse_bits(setting)
+  qm = recipe_lib.build(_METHOD.value, runner.method_config(_METHOD.value))(
+      entry.model, entry.params, entry.example_args(2), calib, w_bits=w, a_bits=a, model_family=entry.family,
+      num_train_timesteps=entry.num_train_timesteps, env=entry.env())
+  ranges = errors.activation_ranges_over_time(qm, calib)
+  spread = sorted(ranges, key=lambda p: -float(np.ptp(ranges[p][2])))[:_LAYERS.value]
+  outputs.append(errors.plot_activation_ranges({p: ranges[p] for p in spread},
+                                               os.path.join(_OUT.value, f"{model}_activation_ranges.png"),
+                                               title=f"{model}: layers whose input range drifts most over t"))
+  small = calib.select_steps(np.linspace(0, calib.num_steps - 1, 4).astype(int))
+  table = errors.sensitivity_table(errors.layer_sensitivity(qm, small))
+  with open(os.path.join(_OUT.value, f"{model}_{setting}_{_METHOD.value}_sensitivity.md"), "w") as f:
+    f.write(f"# Per-layer sensitivity: {model}, {_METHOD.value} {setting}\n\n{table}\n")
+  outputs.append(f.name)
+  print("\n".join(outputs))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,47 @@
+r"""Run a benchmark suite: quantize zoo models with every requested method and bit setting, and write
+survey-style tables, image grids and per-row metrics into a run directory (resumable).
+
+  python -m experiments.bench --config=configs/bench/quick.py --workdir=runs/quick
+  python -m experiments.bench --config=configs/bench/survey.py --workdir=runs/survey
+  python -m experiments.bench --config=configs/bench/quick.py --config.methods='("minmax","mse")' \
+      --config.settings='("W4A8",)' --workdir=runs/mine
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from dqjax.benchmark import report, runner
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/bench/quick.py", "bench suite config")
+_WORKDIR = flags.DEFINE_string("workdir", "runs/quick", "run directory (resumes if it exists)")
+
+
+def main(argv):
+  del argv
+  cfg = _CONFIG.value
+  suite = runner.suite_from_config(cfg)          # validates every field before heavy work
+  workdir = _WORKDIR.value
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(cfg.to_json_best_effort(indent=1))
+  start = time.perf_counter()
+  rows = runner.run_suite(suite, workdir)
+  wall = time.perf_counter() - start
+  header = (f"# {cfg.get('title', 'dqjax benchmark')}\n\nMachine: {platform.machine()}, "
+            f"{os.cpu_count()} CPU cores; date {time.strftime('%Y-%m-%d')}; wall time of this invocation "
+            f"{wall:.0f} s (rows resumed from an earlier run are not re-timed).")
+  paths = report.write_reports(rows, workdir, header=header)
+  with open(os.path.join(workdir, "metrics.json"), "w") as f:
+    json.dump({"rows": rows, "wall_seconds": wall}, f, indent=1)
+  print(open(paths["markdown"]).read())
+  print(f"wrote {paths['markdown']}, {paths['csv']} and grids under {workdir}/grids ({wall:.0f} s)")
+
+
+if __name__ == "__main__":
+  app.run(main)

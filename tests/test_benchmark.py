@@ -1,0 +1,51 @@
+"""The benchmark: config validation before heavy work, an end-to-end tiny suite on a shipped model,
+resume, tables."""
+import json
+import os
+
+import ml_collections
+import numpy as np
+import pytest
+
+from configs.bench import quick
+from dqjax.benchmark import report, runner
+
+
+def _cfg(**changes):
+  c = quick.get_config()
+  for k, v in changes.items():
+    c[k] = v
+  return c
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("models", ("cifar-ddpm",), "field models has unknown model 'cifar-ddpm'; accepted values: ddpm-mnist"),
+    ("methods", ("q_diffusion_typo",), "field methods has unknown method 'q_diffusion_typo'; accepted values: all"),
+    ("settings", ("W9A8",), "weight bits=9 in 'W9A8' is out of range"),
+    ("settings", ("4bit",), "malformed"),
+    ("num_samples", -4, "num_samples=-4 must be a positive integer"),
+    ("calib_policy", "sometimes", "calib_policy='sometimes'"),
+])
+def test_bad_config_is_refused_before_work(field, value, message):
+  with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    runner.suite_from_config(_cfg(**{field: value}))
+
+
+def test_tiny_suite_end_to_end_and_resume(tmp_path):
+  cfg = _cfg(methods=("minmax",), settings=("W8A8",), num_samples=16, batch_size=16, calib_samples=8,
+             calib_steps=2)
+  suite = runner.suite_from_config(cfg)
+  rows = runner.run_suite(suite, str(tmp_path))
+  assert [(r["method"], r["setting"]) for r in rows] == [("fp", "FP"), ("minmax", "W8A8")]
+  fp, q = rows
+  assert fp["psnr"] == float("inf") and fp["ssim"] == pytest.approx(1.0)
+  assert np.isfinite(q["psnr"]) and q["psnr"] > 10          # W8A8 stays close to FP from the same noise
+  assert q["size_mb"] < fp["size_mb"] / 3.5 and q["bops_g"] < fp["bops_g"] / 10
+  assert os.path.exists(tmp_path / "grids" / "ldm-mnist__minmax__W8A8.png")
+  mtime = os.path.getmtime(runner.row_path(str(tmp_path), "ldm-mnist", "minmax", "W8A8"))
+  again = runner.run_suite(suite, str(tmp_path))                 # resumes: nothing recomputed
+  assert os.path.getmtime(runner.row_path(str(tmp_path), "ldm-mnist", "minmax", "W8A8")) == mtime
+  assert [r["fid"] for r in again] == [r["fid"] for r in rows]
+  md = report.markdown_table(rows)
+  assert "| minmax | W8A8 |" in md and "FID ↓" in md
+  assert report.csv_table(rows).splitlines()[0].startswith("model,family,method,setting")
