@@ -134,10 +134,7 @@ def test_activation_phase_learns_scales_and_lowers_error():
   assert rc.block_output_error(rec, data, block, quantize_acts=True) < before
 
 
-def test_beta_schedule_and_lp_loss():
-  beta, gate = rc.beta_and_gate(jnp.asarray(10.0), 100, (20.0, 2.0), 0.2)
-  assert float(beta) == 20.0 and float(gate) == 0.0
-  beta, gate = rc.beta_and_gate(jnp.asarray(60.0), 100, (20.0, 2.0), 0.2)
-  assert float(beta) == pytest.approx(11.0) and float(gate) == 1.0
+def test_lp_loss_sums_channels_and_outputs():
   a = jnp.ones((2, 3, 4))
   assert float(rc.lp_loss(a, jnp.zeros_like(a), 2.0)) == pytest.approx(4.0)
+  assert float(rc.lp_loss({"a": a, "b": 2 * a}, {"a": 0 * a, "b": 0 * a}, 2.0)) == pytest.approx(20.0)

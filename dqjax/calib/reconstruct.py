@@ -27,6 +27,7 @@ modules' outputs (TFMQ-DM's temporal information block: the time-embedding MLP a
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from typing import Any, Callable, Optional, Sequence
@@ -166,7 +167,8 @@ class ReconConfig:
       if getattr(self, name) not in SCHEDULES:
         raise ValueError(f"ReconConfig.{name}={getattr(self, name)!r} is unknown; accepted values: "
                          f"{', '.join(SCHEDULES)}")
-    if len(tuple(self.b_range)) != 2:
+    object.__setattr__(self, "b_range", tuple(float(b) for b in self.b_range))
+    if len(self.b_range) != 2:
       raise ValueError(f"ReconConfig.b_range={self.b_range!r} must be a pair (start, end)")
     if self.p <= 0 or self.lr_w <= 0 or self.lr_a <= 0 or self.round_weight < 0 or self.layer_loss < 0:
       raise ValueError("ReconConfig: p, lr_w and lr_a must be positive; round_weight and layer_loss >= 0")
@@ -223,15 +225,6 @@ def init_rounding(qm, paths: Sequence[str]):
   return qm.replace(qstate=qstate)
 
 
-def beta_and_gate(it, iters: int, b_range, warmup: float):
-  """(β, regulariser on?) at iteration `it` (traced): β = start during warm-up, then linear to end."""
-  start, end = float(b_range[0]), float(b_range[1])
-  warm = warmup * iters
-  rel = jnp.clip((it - warm) / jnp.maximum(iters - warm, 1.0), 0.0, 1.0)
-  beta = jnp.where(it < warm, start, end + (start - end) * (1.0 - rel))
-  return beta, (it >= warm).astype(jnp.float32)
-
-
 # --- losses -------------------------------------------------------------------------------------------
 def lp_loss(pred, target, p: float = 2.0) -> jax.Array:
   """BRECQ's reconstruction loss: |pred - target|^p summed over the channel (last) axis, averaged over the
@@ -252,77 +245,76 @@ def _is_array(x) -> bool:
   return isinstance(x, (jax.Array, np.ndarray))
 
 
-@dataclasses.dataclass
-class _Signature:
-  """How to rebuild a module call's (args, kwargs) from its captured array leaves."""
+@dataclasses.dataclass(frozen=True)
+class Signature:
+  """How to rebuild a module call's (args, kwargs) from its captured array leaves (hashable)."""
   treedef: Any
-  statics: list            # None where a leaf is a captured array
+  statics: tuple            # None where a leaf is a captured array
 
 
 def _split_call(tree):
   leaves, treedef = jax.tree_util.tree_flatten(tree)
   arrays = [l for l in leaves if _is_array(l)]
-  return arrays, _Signature(treedef, [None if _is_array(l) else l for l in leaves])
+  return arrays, Signature(treedef, tuple(None if _is_array(l) else l for l in leaves))
 
 
-def _join_call(arrays, sig: _Signature):
+def join_call(arrays, sig: Signature):
   it = iter(arrays)
   leaves = [next(it) if s is None else s for s in sig.statics]
   return jax.tree_util.tree_unflatten(sig.treedef, leaves)
 
 
-def _capture_fn(model: nn.Module, plan: Plan, in_path: Optional[str], out_paths: Sequence[str], *,
-                quantized: bool, quantize_acts: bool):
-  """A jitted `(params, qstate, x, t, cond) -> (input leaves of `in_path`, {path: output})`, running the
-  model in float (`quantized=False`: only equivalent input transforms) or quantized as `qstate` says, with
-  hard AdaRound rounding. The call signature of `in_path` is stored in the returned dict under 'sig'."""
-  meta: dict = {}
-  out_paths = tuple(out_paths)
+def capture_fn(model: nn.Module, plan: Plan, in_paths: Sequence[str], *, quantized: bool,
+               quantize_acts: bool = False):
+  """(jitted `(params, qstate, x, t, cond) -> {path: input array leaves}`, {path: Signature}).
+
+  One compiled forward records the call inputs of every module in `in_paths`: in float (`quantized=False`;
+  only the state's equivalent input transforms apply) or quantized as `qstate` says (hard AdaRound
+  rounding; activations only with `quantize_acts`). Signatures are filled when the function is traced."""
+  sigs: dict = {}
+  in_paths = tuple(in_paths)
 
   def run(params, qstate, x, t, cond):
-    ins, outs = {}, {}
+    ins = {}
     core = qapply.make_interceptor(plan, qstate, t, quantize_acts=quantized and quantize_acts)
 
     def interceptor(next_fun, args, kwargs, context):
-      if context.method_name != "__call__":
-        return core(next_fun, args, kwargs, context)
-      path = module_path(context.module)
-      if path == in_path and "in" not in ins:
-        ins["in"] = (tuple(args), dict(kwargs))
-      out = core(next_fun, args, kwargs, context)
-      if path in out_paths and path not in outs:
-        outs[path] = out
-      return out
+      if context.method_name == "__call__":
+        path = module_path(context.module)
+        if path in in_paths and path not in ins:
+          ins[path] = (tuple(args), dict(kwargs))
+      return core(next_fun, args, kwargs, context)
 
     p = qapply.quantized_params(plan, params, qstate) if quantized else params
     with nn.intercept_methods(interceptor):
       model.apply({"params": p}, x, t, cond)
-    missing = [q for q in out_paths if q not in outs] + ([in_path] if in_path is not None and not ins else [])
+    missing = [q for q in in_paths if q not in ins]
     if missing:
       raise ValueError(f"reconstruction capture: modules {missing} were never called by the model")
-    arrays = []
-    if in_path is not None:
-      arrays, meta["sig"] = _split_call(ins["in"])
-    return arrays, outs
+    out = {}
+    for path, call in ins.items():
+      out[path], sigs[path] = _split_call(call)
+    return out
 
-  return jax.jit(run), meta
+  return jax.jit(run), sigs
 
 
-def _batched(fn, params, qstate, x, t, c, bs: int):
-  """Run a capture function over all samples in batches (the last one padded), results on the host."""
-  n = x.shape[0]
+def _batched(fn, args, n: int, bs: int, pick: Callable = lambda r: r):
+  """Run `fn(*args_batch)` over n samples in batches of bs (the last one padded; args with a leading
+  sample axis are sliced, None passes through); `pick` selects what is copied to the host."""
   results = []
   for start in range(0, n, bs):
     stop = min(n, start + bs)
     idx = np.arange(start, start + bs).clip(max=n - 1)
-    take = lambda a: None if a is None else jax.tree_util.tree_map(lambda v: v[idx], a)
-    out = fn(params, qstate, take(x), take(t), take(c))
+    batch = [None if a is None else jax.tree_util.tree_map(lambda v: v[idx], a) for a in args]
+    out = pick(fn(*batch))
     results.append(jax.tree_util.tree_map(lambda v: np.asarray(v)[: stop - start], out))
   return jax.tree_util.tree_map(lambda *vs: np.concatenate(vs, 0), *results)
 
 
 def block_modules(model: nn.Module, params: Any, paths: Sequence[str], example_args) -> dict:
-  """Unbound copies of the modules at `paths` (re-created with the same attributes), found by tracing."""
+  """Unbound, unnamed copies of the modules at `paths` (same attributes), found by tracing the model.
+  Unnamed, two blocks with equal attributes are equal, so their compiled training steps are shared."""
   found: dict = {}
   want = set(paths)
 
@@ -330,7 +322,7 @@ def block_modules(model: nn.Module, params: Any, paths: Sequence[str], example_a
     if context.method_name == "__call__":
       path = module_path(context.module)
       if path in want and path not in found:
-        found[path] = context.module.clone(parent=None)
+        found[path] = context.module.clone(parent=None, name=None)
     return next_fun(*args, **kwargs)
 
   def run(p, *a):
@@ -464,39 +456,116 @@ def _schedule(kind: str, lr: float, iters: int):
   return optax.cosine_decay_schedule(lr, iters) if kind == "cosine" else optax.constant_schedule(lr)
 
 
-# --- one block -------------------------------------------------------------------------------------------------
-@dataclasses.dataclass
+def _optimizer(groups: Sequence[str], cfg: ReconConfig):
+  parts = {"v": optax.adam(_schedule(cfg.schedule_w, cfg.lr_w, cfg.iters)),
+           "s": optax.adam(_schedule(cfg.schedule_a, cfg.lr_a, cfg.iters))}
+  return optax.multi_transform({k: parts[k] for k in groups}, lambda tree: {k: jax.tree_util.tree_map(
+      lambda _: k, v) for k, v in tree.items()})
+
+
+# --- the loss of one block -----------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
 class BlockProblem:
-  """Everything needed to reconstruct one block; `loss(trainables, frozen, block_inputs, targets)` is pure."""
-  block: Block
+  """Static description of one block's reconstruction (hashable: equal blocks share compiled steps).
+
+  `loss(trainables, frozen, block_inputs, targets)` is pure: trainables = {'v': {op: V}, 's': {op: {operand:
+  scale}}}, frozen = {'params': the block's parameter subtree, 'qstate': its ops' states (relative
+  paths)}, block_inputs = {'args': captured input leaves, 't': [B] timesteps}, targets = {'out': float
+  output(s), 'layers': {op: float output}}.
+  """
   module: nn.Module
   plan: Plan                       # relative paths
-  sig: _Signature
+  sig: Signature
   phase: str
   cfg: ReconConfig
-  out_rel: tuple[str, ...]         # relative output paths ('()' = block return value)
-  layer_rel: tuple[str, ...]       # relative op paths with layer-loss terms
+  out_rel: tuple[str, ...] = ()    # recorded outputs forming the loss (() = the block's return value)
+  layer_rel: tuple[str, ...] = ()  # ops with layer-loss terms
+
+  def forward(self, train: dict, frozen: dict, block_inputs, *, soft: bool = True, key=None,
+              quantize: bool = True):
+    qstate = merge_trainables(frozen["qstate"], train)
+    args, kwargs = join_call(block_inputs["args"], self.sig)
+    out, recs = run_block(self.module, self.plan, frozen["params"], qstate, args, kwargs, block_inputs["t"],
+                          soft=tuple(train.get("v", {})) if soft else (), quantize_weights=quantize,
+                          quantize_acts=quantize and self.phase != "weights",
+                          qdrop_prob=self.cfg.qdrop_prob if soft else 1.0, key=key,
+                          record=self.out_rel + self.layer_rel)
+    pred = out if not self.out_rel else {p: recs[p] for p in self.out_rel}
+    return pred, {p: recs[p] for p in self.layer_rel}
 
   def loss(self, train: dict, frozen: dict, block_inputs, targets, *, it=0, key=None):
     """(total loss, (reconstruction loss, rounding regulariser))."""
     cfg = self.cfg
-    qstate = merge_trainables(frozen["qstate"], train)
-    args, kwargs = _join_call(block_inputs["args"], self.sig)
-    out, recs = run_block(self.module, self.plan, frozen["params"], qstate, args, kwargs, block_inputs["t"],
-                          soft=tuple(train.get("v", {})), quantize_acts=self.phase != "weights",
-                          qdrop_prob=cfg.qdrop_prob, key=key, record=self.out_rel + self.layer_rel)
-    pred = out if not self.out_rel else {p: recs[p] for p in self.out_rel}
+    pred, layers = self.forward(train, frozen, block_inputs, key=key)
     rec = lp_loss(pred, targets["out"], cfg.p)
     if self.layer_rel and cfg.layer_loss > 0:
-      rec = rec + cfg.layer_loss * sum(lp_loss(recs[p], targets["layers"][p], cfg.p) for p in self.layer_rel)
+      rec = rec + cfg.layer_loss * sum(lp_loss(layers[p], targets["layers"][p], cfg.p) for p in self.layer_rel)
     reg = jnp.zeros((), jnp.float32)
     if train.get("v") and cfg.round_loss and cfg.round_weight > 0:
-      beta, gate = beta_and_gate(jnp.asarray(it, jnp.float32), cfg.iters, cfg.b_range, cfg.warmup)
       rnd = _rounding()
-      reg = gate * cfg.round_weight * sum(rnd.adaround_regularizer(v, beta) for v in train["v"].values())
+      it = jnp.asarray(it, jnp.float32)
+      beta = rnd.beta_schedule(it, cfg.iters, cfg.warmup, *cfg.b_range)
+      lam = rnd.round_loss_weight(it, cfg.iters, cfg.warmup, cfg.round_weight)
+      reg = lam * sum(rnd.adaround_regularizer(v, beta) for v in train["v"].values())
     return rec + reg, (rec, reg)
 
 
+def _mix_inputs(q_args, fp_args, prob: float, key):
+  if prob >= 1.0:
+    return q_args
+  out = []
+  for i, (a, b) in enumerate(zip(q_args, fp_args)):
+    if jnp.issubdtype(a.dtype, jnp.floating):
+      keep = jax.random.bernoulli(jax.random.fold_in(key, i), prob, a.shape)
+      out.append(jnp.where(keep, a, b))
+    else:
+      out.append(a)
+  return out
+
+
+@functools.partial(jax.jit, static_argnames=("problem", "n", "chunk"))
+def _train_chunk(problem: BlockProblem, train, opt_state, frozen, data, it0, key, *, n: int, chunk: int):
+  """`chunk` Adam steps (a lax.scan) on random mini-batches of the block's cached inputs/targets."""
+  cfg = problem.cfg
+  opt = _optimizer(tuple(train), cfg)
+
+  def body(carry, i):
+    train, opt_state = carry
+    it = it0 + i
+    k_idx, k_mix, k_drop = jax.random.split(jax.random.fold_in(key, it), 3)
+    idx = jax.random.randint(k_idx, (cfg.batch_size,), 0, n)
+    pick = lambda a: a[idx]
+    args = _mix_inputs([pick(a) for a in data["q"]], [pick(a) for a in data["fp"]], cfg.input_prob, k_mix)
+    inputs = {"args": args, "t": pick(data["t"])}
+    tgts = jax.tree_util.tree_map(pick, data["targets"])
+    (_, (rec, _)), g = jax.value_and_grad(problem.loss, has_aux=True)(train, frozen, inputs, tgts, it=it,
+                                                                      key=k_drop)
+    upd, new_opt = opt.update(g, opt_state, train)
+    new_train = optax.apply_updates(train, upd)
+    if "s" in new_train:
+      new_train = {**new_train, "s": jax.tree_util.tree_map(lambda s: jnp.maximum(s, 1e-8), new_train["s"])}
+    valid = it < cfg.iters
+    keep = lambda a, b: jax.tree_util.tree_map(lambda u, v: jnp.where(valid, u, v), a, b)
+    return (keep(new_train, train), keep(new_opt, opt_state)), rec
+
+  (train, opt_state), recs = jax.lax.scan(body, (train, opt_state), jnp.arange(chunk))
+  return train, opt_state, recs
+
+
+@functools.partial(jax.jit, static_argnames=("problem",))
+def _fp_forward(problem: BlockProblem, frozen, block_inputs):
+  pred, layers = problem.forward({}, frozen, block_inputs, soft=False, quantize=False)
+  return {"out": pred, "layers": layers}
+
+
+@functools.partial(jax.jit, static_argnames=("problem", "quantize_acts"))
+def _block_error(problem: BlockProblem, frozen, block_inputs, targets, quantize_acts: bool):
+  p = dataclasses.replace(problem, phase="acts" if quantize_acts else "weights")
+  pred, _ = p.forward({}, frozen, block_inputs, soft=False)
+  return lp_loss(pred, targets, 2.0)
+
+
+# --- one block -------------------------------------------------------------------------------------------------
 def _layer_paths(plan: Plan, block: Block, cfg: ReconConfig) -> list[str]:
   """EDA-DM: the block's Conv/Dense layers except the last one called."""
   if cfg.layer_loss <= 0:
@@ -527,24 +596,9 @@ def _trainables(plan: Plan, qstate: dict, block: Block, phase: str) -> dict:
   return train
 
 
-def _optimizer(train: dict, cfg: ReconConfig):
-  parts = {"v": optax.adam(_schedule(cfg.schedule_w, cfg.lr_w, cfg.iters)),
-           "s": optax.adam(_schedule(cfg.schedule_a, cfg.lr_a, cfg.iters))}
-  labels = {k: jax.tree_util.tree_map(lambda _: k, v) for k, v in train.items()}
-  return optax.multi_transform({k: parts[k] for k in train}, labels)
-
-
-def _mix_inputs(q_args, fp_args, prob: float, key):
-  if prob >= 1.0:
-    return q_args
-  out = []
-  for i, (a, b) in enumerate(zip(q_args, fp_args)):
-    if jnp.issubdtype(a.dtype, jnp.floating):
-      keep = jax.random.bernoulli(jax.random.fold_in(key, i), prob, a.shape)
-      out.append(jnp.where(keep, a, b))
-    else:
-      out.append(a)
-  return out
+def _frozen(qm, block: Block) -> dict:
+  return {"params": _subtree(qm.params, block.path),
+          "qstate": {relative(p, block.path): st for p, st in qm.qstate.items() if under(p, block.path)}}
 
 
 def _samples(data: CalibData, cfg: ReconConfig):
@@ -557,77 +611,69 @@ def _samples(data: CalibData, cfg: ReconConfig):
   return x, t, c
 
 
-def capture_block(qm, block: Block, x, t, c, cfg: ReconConfig, phase: str, layer_paths=()):
-  """Host arrays for one block: float inputs, quantized-model inputs (asym), float targets (outputs and
-  layer outputs). Returns (signature, fp_args, q_args, targets)."""
-  out_paths = tuple(block.outputs) if block.outputs else (block.path,)
-  fp_fn, fp_meta = _capture_fn(qm.model, qm.plan, block.path, out_paths + tuple(layer_paths), quantized=False,
-                               quantize_acts=False)
-  fp_args, fp_outs = _batched(fp_fn, qm.params, qm.qstate, x, t, c, cfg.capture_batch)
-  sig = fp_meta["sig"]
-  q_args = fp_args
-  if cfg.asym or cfg.input_prob < 1.0:
-    q_fn, _ = _capture_fn(qm.model, qm.plan, block.path, (), quantized=True, quantize_acts=phase != "weights")
-    q_args, _ = _batched(q_fn, qm.params, qm.qstate, x, t, c, cfg.capture_batch)
-  targets = {"out": fp_outs[block.path] if not block.outputs else
-             {relative(p, block.path): fp_outs[p] for p in block.outputs},
-             "layers": {relative(p, block.path): fp_outs[p] for p in layer_paths}}
-  return sig, fp_args, q_args, targets
+def _stable_hash(s: str) -> int:
+  h = 0
+  for ch in s:
+    h = (h * 131 + ord(ch)) % (2 ** 31 - 1)
+  return h
 
 
-def reconstruct_block(qm, block: Block, module: nn.Module, x, t, c, cfg: ReconConfig, phase: str, *,
-                      position: str = ""):
+class _Session:
+  """Cached captures for reconstructing a list of blocks: the float inputs of every block come from one
+  compiled forward pass; the quantized-model inputs from one compiled function re-run per block."""
+
+  def __init__(self, qm, blocks: Sequence[Block], x, t, c, cfg: ReconConfig, phase: str):
+    self.x, self.t, self.c, self.cfg, self.phase = x, t, c, cfg, phase
+    paths = tuple(sorted({b.path for b in blocks}))
+    self.modules = block_modules(qm.model, qm.params, paths, (x[:1], t[:1], None if c is None else
+                                                            jax.tree_util.tree_map(lambda a: a[:1], c)))
+    fp_fn, self.sigs = capture_fn(qm.model, qm.plan, paths, quantized=False)
+    self.fp_inputs = _batched(lambda *a: fp_fn(qm.params, qm.qstate, *a), (x, t, c), x.shape[0],
+                              cfg.capture_batch)
+    self.q_fn = None
+    if cfg.asym or cfg.input_prob < 1.0:
+      self.q_fn, _ = capture_fn(qm.model, qm.plan, paths, quantized=True, quantize_acts=phase != "weights")
+
+  def problem(self, qm, block: Block, layer_paths=()) -> BlockProblem:
+    return BlockProblem(self.modules[block.path], sub_plan(qm.plan, block.path), self.sigs[block.path],
+                        self.phase, self.cfg, tuple(relative(p, block.path) for p in block.outputs),
+                        tuple(relative(p, block.path) for p in layer_paths))
+
+  def inputs(self, qm, block: Block, quantized: bool):
+    if not quantized or self.q_fn is None:
+      return self.fp_inputs[block.path]
+    return _batched(lambda *a: self.q_fn(qm.params, qm.qstate, *a), (self.x, self.t, self.c), self.x.shape[0],
+                    self.cfg.capture_batch, pick=lambda r: r[block.path])
+
+  def targets(self, problem: BlockProblem, frozen: dict, fp_args):
+    fn = lambda a, tt: _fp_forward(problem, frozen, {"args": a, "t": tt})
+    return _batched(fn, (fp_args, self.t), self.x.shape[0], self.cfg.capture_batch)
+
+
+def reconstruct_block(qm, block: Block, session: _Session, *, position: str = ""):
   """Learn one block's quantizers; returns (new QModel, (first-chunk loss, last-chunk loss) or None)."""
-  plan = qm.plan
-  train = _trainables(plan, qm.qstate, block, phase)
+  cfg, phase = session.cfg, session.phase
+  train = _trainables(qm.plan, qm.qstate, block, phase)
   if not train:
     return qm, None
-  layer_paths = _layer_paths(plan, block, cfg)
-  sig, fp_args, q_args, targets = capture_block(qm, block, x, t, c, cfg, phase, layer_paths)
-  splan = sub_plan(plan, block.path)
-  problem = BlockProblem(block, module, splan, sig, phase, cfg,
-                         tuple(relative(p, block.path) for p in block.outputs),
-                         tuple(relative(p, block.path) for p in layer_paths))
-  frozen = {"params": _subtree(qm.params, block.path),
-            "qstate": {relative(p, block.path): st for p, st in qm.qstate.items() if under(p, block.path)}}
+  layer_paths = _layer_paths(qm.plan, block, cfg)
+  problem = session.problem(qm, block, layer_paths)
+  frozen = _frozen(qm, block)
+  fp_args = session.fp_inputs[block.path]
+  q_args = session.inputs(qm, block, quantized=True)
+  targets = session.targets(problem, frozen, fp_args)
   data = {"q": [jnp.asarray(a) for a in q_args], "fp": [jnp.asarray(a) for a in fp_args],
-          "t": jnp.asarray(t), "targets": jax.tree_util.tree_map(jnp.asarray, targets)}
-  n = int(x.shape[0])
-  opt = _optimizer(train, cfg)
-  opt_state = opt.init(train)
+          "t": jnp.asarray(session.t), "targets": jax.tree_util.tree_map(jnp.asarray, targets)}
+  n = int(session.x.shape[0])
+  opt_state = _optimizer(tuple(train), cfg).init(train)
   key = jax.random.fold_in(jax.random.key(cfg.seed), _stable_hash(block.path + phase))
   chunk = min(cfg.chunk, cfg.iters)
-
-  @jax.jit
-  def run_chunk(train, opt_state, frozen, data, it0):
-    def body(carry, i):
-      train, opt_state = carry
-      it = it0 + i
-      k = jax.random.fold_in(key, it)
-      k_idx, k_mix, k_drop = jax.random.split(k, 3)
-      idx = jax.random.randint(k_idx, (cfg.batch_size,), 0, n)
-      pick = lambda a: a[idx]
-      args = _mix_inputs([pick(a) for a in data["q"]], [pick(a) for a in data["fp"]], cfg.input_prob, k_mix)
-      inputs = {"args": args, "t": pick(data["t"])}
-      tgts = jax.tree_util.tree_map(pick, data["targets"])
-      (_, (rec, reg)), g = jax.value_and_grad(problem.loss, has_aux=True)(train, frozen, inputs, tgts, it=it,
-                                                                          key=k_drop)
-      upd, new_opt = opt.update(g, opt_state, train)
-      new_train = optax.apply_updates(train, upd)
-      if "s" in new_train:
-        new_train = {**new_train, "s": jax.tree_util.tree_map(lambda s: jnp.maximum(s, 1e-8), new_train["s"])}
-      valid = it < cfg.iters
-      keep = lambda a, b: jax.tree_util.tree_map(lambda u, v: jnp.where(valid, u, v), a, b)
-      return (keep(new_train, train), keep(new_opt, opt_state)), rec
-
-    (train, opt_state), recs = jax.lax.scan(body, (train, opt_state), jnp.arange(chunk))
-    return train, opt_state, recs
-
   bar = tqdm(total=cfg.iters, desc=f"{phase} {position}{block.name or '<model>'}", leave=False,
              disable=not cfg.progress, unit="it")
   first = last = None
   for it0 in range(0, cfg.iters, chunk):
-    train, opt_state, recs = run_chunk(train, opt_state, frozen, data, jnp.asarray(it0, jnp.int32))
+    train, opt_state, recs = _train_chunk(problem, train, opt_state, frozen, data, jnp.asarray(it0, jnp.int32),
+                                          key, n=n, chunk=chunk)
     valid = min(chunk, cfg.iters - it0)
     mean = float(np.mean(np.asarray(recs)[:valid]))
     first = mean if first is None else first
@@ -645,33 +691,27 @@ def reconstruct_block(qm, block: Block, module: nn.Module, x, t, c, cfg: ReconCo
   return qm.replace(qstate=qstate), (first, last)
 
 
-def _stable_hash(s: str) -> int:
-  h = 0
-  for ch in s:
-    h = (h * 131 + ord(ch)) % (2 ** 31 - 1)
-  return h
-
-
 def reconstruct(qm, data: CalibData, blocks: Optional[Sequence[Block]] = None, cfg: ReconConfig = ReconConfig(),
                 *, phase: str = "weights"):
   """Reconstruct `blocks` (default: `partition(qm.plan)`) in order; returns the new QModel.
 
   phase: 'weights' (AdaRound V, activations in float), 'acts' (activation scales with hard-rounded weights
   and quantized activations; needs calibrated activations), 'joint' (both at once, EDA-DM).
+  The per-block (first, last) training losses are logged in `qm.meta['reconstruction']`.
   """
   if phase not in PHASES:
     raise ValueError(f"reconstruction phase={phase!r} is unknown; accepted values: {', '.join(PHASES)}")
   data = data.validate()
   blocks = list(partition(qm.plan) if blocks is None else blocks)
+  if not blocks:
+    return qm
   if phase in ("weights", "joint"):
     qm = init_rounding(qm, [p for b in blocks for p in b.ops if qm.plan[p].weight is not None])
   x, t, c = _samples(data, cfg)
-  modules = block_modules(qm.model, qm.params, sorted({b.path for b in blocks}),
-                          (x[:1], t[:1], None if c is None else jax.tree_util.tree_map(lambda a: a[:1], c)))
+  session = _Session(qm, blocks, x, t, c, cfg, phase)
   log = dict(qm.meta.get("reconstruction", {}))
   for i, block in enumerate(blocks):
-    qm, losses = reconstruct_block(qm, block, modules[block.path], x, t, c, cfg, phase,
-                                   position=f"[{i + 1}/{len(blocks)}] ")
+    qm, losses = reconstruct_block(qm, block, session, position=f"[{i + 1}/{len(blocks)}] ")
     if losses is not None:
       log[f"{phase}:{block.name}"] = losses
   return qm.replace(meta={**qm.meta, "reconstruction": log})
@@ -695,24 +735,14 @@ def reconstruction_pass(cfg: ReconConfig, *, phase: str = "weights",
 # --- evaluation ---------------------------------------------------------------------------------------------
 def block_output_error(qm, data: CalibData, block: Block, *, quantize_acts: bool = False,
                        asym: bool = False, batch: int = 64) -> float:
-  """Mean Lp(2) error of a block's (or its `outputs`') quantized output (hard rounding) against float, on
-  float inputs (`asym=False`) or quantized-model inputs. For tests and reports."""
+  """Lp(2) error of a block's (or its `outputs`') quantized output (hard rounding) against float, on float
+  inputs (`asym=False`) or on the inputs the quantized model produces. For tests and reports."""
   cfg = ReconConfig(capture_batch=batch, asym=asym)
   x, t, c = data.flat()
-  module = block_modules(qm.model, qm.params, [block.path],
-                         (x[:1], t[:1], None if c is None else jax.tree_util.tree_map(lambda a: a[:1], c)))
-  sig, fp_args, q_args, targets = capture_block(qm, block, x, t, c, cfg, "acts" if quantize_acts else "weights")
-  splan = sub_plan(qm.plan, block.path)
-  qstate = {relative(p, block.path): st for p, st in qm.qstate.items() if under(p, block.path)}
-  out_rel = tuple(relative(p, block.path) for p in block.outputs)
-
-  @jax.jit
-  def err(args, tt, tgt):
-    a, kw = _join_call(args, sig)
-    out, recs = run_block(module[block.path], splan, _subtree(qm.params, block.path), qstate, a, kw, tt,
-                          quantize_acts=quantize_acts, record=out_rel)
-    pred = out if not out_rel else {p: recs[p] for p in out_rel}
-    return lp_loss(pred, tgt, 2.0)
-
-  return float(err([jnp.asarray(a) for a in (q_args if asym else fp_args)], jnp.asarray(t),
-                   jax.tree_util.tree_map(jnp.asarray, targets["out"])))
+  session = _Session(qm, [block], x, t, c, cfg, "acts" if quantize_acts else "weights")
+  problem = session.problem(qm, block)
+  frozen = _frozen(qm, block)
+  targets = session.targets(problem, frozen, session.fp_inputs[block.path])
+  args = session.inputs(qm, block, quantized=asym)
+  return float(_block_error(problem, frozen, {"args": [jnp.asarray(a) for a in args], "t": jnp.asarray(t)},
+                            jax.tree_util.tree_map(jnp.asarray, targets["out"]), quantize_acts))
