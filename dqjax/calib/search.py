@@ -1,178 +1,343 @@
 """Compiled range searches. Every search works on `rows` [R, N]: one row per quantization parameter (a
-channel, a group, or the whole tensor), so per-channel searches are one vectorised call, never a loop.
+channel, a group, or the whole tensor), so a per-channel search is one vectorised call, never a loop.
+Searches return per-row clipping ranges (lo [R], hi [R]); `params_for` turns them into `QParams`.
 
-One-shot searches (weights, or activations small enough to hold): minmax, percentile, mse (the LAPQ /
-Q-Diffusion shrink grid), kl (TensorRT entropy calibration), omse (L2-optimal clipping: a coarse grid then
-a fine grid around its best). Streaming versions for activations seen over many batches accumulate, for
-each candidate clipping range, the Lp error (`*_errors`) or a histogram (`*_hist`), so activations are
-never stored.
+One-shot searches (weights, or activations small enough to hold):
+- `minmax_range`, `percentile_range` (two-sided);
+- `mse_range`: the LAPQ / Q-Diffusion shrink grid lo·r, hi·r with r = max(1 − i/C, min_ratio), picking the
+  argmin of Σ|x − Q(x)|^p per row. The quantizer is the spec's own (int sym/asym/unsigned, ternary,
+  float formats). Binary specs have no range: the scale α is searched over α = 2·mean|x|·r (the L2 optimum
+  mean|x| is the candidate r = ½) and returned as (−α, α);
+- `kl_range`: TensorRT entropy calibration, see `kl_from_hist`;
+- `omse_range`: OMSE (Choukroun et al. 2019) — the clipping minimising the L2 error, found by a coarse
+  shrink grid followed by a fine grid around its best (no golden section: the L2 error of a quantizer is
+  not unimodal in the clipping value, and a grid is as cheap under vmap).
+
+Streaming versions for activations seen over many batches (never stored): after a first min/max pass
+gives per-row base ranges, `accumulate_errors` adds, for every candidate of the same shrink grid, the
+error Σ|x − Q_c(x)|^p, and `finalize_errors` picks the best; `accumulate_hist` builds per-row histograms
+over the base range for `kl_from_hist` and `percentile_from_hist`. All functions are jit-compatible with
+the spec, candidate counts and bin counts static. Candidate loops run as `lax.map` in vectorised chunks
+bounded to about `_BUDGET` elements, so large per-channel weights do not materialise C copies.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dqjax.quant import ops as qops
-from dqjax.quant.spec import BINARY, QuantSpec
+from dqjax.quant.spec import BINARY, TERNARY, QuantSpec
+
+Array = jax.Array
+_BUDGET = 1 << 23   # elements materialised at once by a chunked candidate map (32 MB of float32)
 
 
 # --- rows -----------------------------------------------------------------------------------------
-def to_rows(x: jax.Array, reduce_axes) -> jax.Array:
-  """Move the kept axes first and flatten: [prod(kept), prod(reduced)]."""
-  reduce_axes = tuple(a % x.ndim for a in reduce_axes)
+def to_rows(x: Array, reduce_axes) -> Array:
+  """Move the kept axes first (in order) and flatten: [prod(kept), prod(reduced)]."""
+  reduce_axes = tuple(sorted(a % x.ndim for a in reduce_axes))
   keep = [i for i in range(x.ndim) if i not in reduce_axes]
   xt = jnp.transpose(x, keep + list(reduce_axes))
-  r = 1
-  for i in keep:
-    r *= x.shape[i]
+  r = int(np.prod([x.shape[i] for i in keep], dtype=np.int64))
   return xt.reshape(r, -1)
 
 
-def from_rows(values: jax.Array, x_shape, reduce_axes) -> jax.Array:
-  """Per-row values back to a keepdims array broadcastable against x."""
+def from_rows(values: Array, x_shape, reduce_axes) -> Array:
+  """Per-row values [R] back to a keepdims array broadcastable against x."""
   reduce_axes = tuple(a % len(x_shape) for a in reduce_axes)
-  return values.reshape(tuple(1 if i in reduce_axes else d for i, d in enumerate(x_shape)))
+  return jnp.reshape(values, tuple(1 if i in reduce_axes else d for i, d in enumerate(x_shape)))
 
 
-def _row_spec(spec: QuantSpec) -> QuantSpec:
+def row_spec(spec: QuantSpec) -> QuantSpec:
   """The spec applied to rows with per-row parameters [R, 1]."""
   return spec.replace(granularity="tensor", axis=-1, group_size=None, dynamic=False)
 
 
-def row_error(rows, lo, hi, spec: QuantSpec, p: float) -> jax.Array:
-  """Σ_n |x − Q(x; [lo, hi])|^p per row, for per-row ranges lo, hi [R]."""
-  rs = _row_spec(spec)
-  if spec.format == BINARY:
-    qp = qops.QParams(scale=jnp.maximum(hi, 1e-8)[:, None])
+def params_for(rows_range, spec: QuantSpec, x_shape=None, reduce_axes=None) -> qops.QParams:
+  """QParams from per-row ranges (lo [R], hi [R]) via `ops.params_from_range` (binary: scale = hi).
+
+  Without `x_shape` the parameters are shaped [R, 1] (for fake-quantizing the rows); with `x_shape` and
+  `reduce_axes` they are keepdims arrays for the tensor the rows came from.
+  """
+  lo, hi = rows_range
+  if x_shape is None:
+    lo, hi = lo[:, None], hi[:, None]
   else:
-    qp = qops.params_from_range(lo[:, None], hi[:, None], rs)
-  return jnp.sum(jnp.abs(qops.fake_quant(rows, qp, rs) - rows) ** p, axis=1)
+    lo, hi = from_rows(lo, x_shape, reduce_axes), from_rows(hi, x_shape, reduce_axes)
+  if spec.format == BINARY:
+    return qops.QParams(scale=jnp.maximum(hi, 1e-8))
+  return qops.params_from_range(lo, hi, row_spec(spec) if x_shape is None else spec)
 
 
-def _ratios(num_candidates: int, min_ratio: float = 0.01):
-  """Shrink factors 1, 1−δ, ..., down to max(min_ratio, ...): the LAPQ grid."""
+def row_error(rows: Array, lo: Array, hi: Array, spec: QuantSpec, p: float = 2.0) -> Array:
+  """Σ_n |x − Q(x; [lo, hi])|^p per row, for per-row ranges lo, hi [R] (binary: α = hi)."""
+  rows = rows.astype(jnp.float32)
+  qp = params_for((lo, hi), spec)
+  d = jnp.abs(qops.fake_quant(rows, qp, row_spec(spec)) - rows)
+  return jnp.sum(d * d if p == 2 else d ** p, axis=1)
+
+
+def _chunk(n_items: int, per_item: int) -> int:
+  return int(max(1, min(n_items, _BUDGET // max(per_item, 1))))
+
+
+def candidate_errors(rows: Array, lo_c: Array, hi_c: Array, spec: QuantSpec, p: float = 2.0) -> Array:
+  """Errors [C, R] of candidate ranges lo_c, hi_c [C, R] (vectorised in chunks over candidates)."""
+  rows = rows.astype(jnp.float32)
+  fn = lambda lh: row_error(rows, lh[0], lh[1], spec, p)
+  return jax.lax.map(fn, (lo_c, hi_c), batch_size=_chunk(lo_c.shape[0], rows.size))
+
+
+def shrink_ratios(num_candidates: int, min_ratio: float = 0.01) -> Array:
+  """The LAPQ grid r_i = max(1 − i/C, min_ratio), i = 0..C−1 (r_0 = 1: the base range itself)."""
+  if num_candidates < 1:
+    raise ValueError(f"num_candidates={num_candidates} must be a positive integer")
   return jnp.maximum(1.0 - jnp.arange(num_candidates, dtype=jnp.float32) / num_candidates, min_ratio)
 
 
+def binary_base(rows: Array) -> tuple[Array, Array]:
+  """Base 'range' of a binary quantizer: (−2·mean|x|, 2·mean|x|), so the shrink grid scans α around
+  the L2-optimal mean|x|."""
+  m = jnp.mean(jnp.abs(rows.astype(jnp.float32)), axis=1)
+  return -2.0 * m, 2.0 * m
+
+
+def base_range(rows: Array, spec: QuantSpec) -> tuple[Array, Array]:
+  """What a first pass provides: min/max per row (binary: `binary_base`)."""
+  return binary_base(rows) if spec.format == BINARY else minmax_range(rows)
+
+
 # --- one-shot searches --------------------------------------------------------------------------------
-def minmax_range(rows):
+def minmax_range(rows: Array) -> tuple[Array, Array]:
   return jnp.min(rows, axis=1), jnp.max(rows, axis=1)
 
 
-def percentile_range(rows, q: float = 99.99):
-  """Two-sided percentile clipping: [pct(100−q), pct(q)] per row."""
+def percentile_range(rows: Array, q: float = 99.99) -> tuple[Array, Array]:
+  """Two-sided percentile clipping: [pct(100 − q), pct(q)] per row (linear interpolation)."""
+  _check_q(q)
+  rows = rows.astype(jnp.float32)
   return jnp.percentile(rows, 100.0 - q, axis=1), jnp.percentile(rows, q, axis=1)
 
 
-def _binary_base(rows):
-  m = jnp.mean(jnp.abs(rows), axis=1)
-  return -2 * m, 2 * m   # candidate scales α ∈ (0, 2·mean|x|]
+def _check_q(q):
+  if not 50.0 < float(q) <= 100.0:
+    raise ValueError(f"percentile q={q!r} is out of range; accepted values: 50 < q <= 100 (e.g. 99.99)")
 
 
-def mse_range(rows, spec: QuantSpec, num_candidates: int = 100, p: float = 2.0, min_ratio: float = 0.01):
-  """The shrink grid lo·(1−i/C), hi·(1−i/C) minimising mean |x − Q(x)|^p per row (vectorised)."""
-  lo, hi = _binary_base(rows) if spec.format == BINARY else minmax_range(rows)
-  r = _ratios(num_candidates, min_ratio)
-  errs = jax.vmap(lambda a: row_error(rows, lo * a, hi * a, spec, p))(r)   # [C, R]
+def mse_range(rows: Array, spec: QuantSpec, num_candidates: int = 100, p: float = 2.0,
+              min_ratio: float = 0.01) -> tuple[Array, Array]:
+  """The shrink grid lo·r, hi·r minimising Σ|x − Q(x)|^p per row (r = 1 is min/max: never worse)."""
+  lo, hi = base_range(rows, spec)
+  r = shrink_ratios(num_candidates, min_ratio)
+  errs = candidate_errors(rows, r[:, None] * lo, r[:, None] * hi, spec, p)   # [C, R]
   best = r[jnp.argmin(errs, axis=0)]
   return lo * best, hi * best
 
 
-def omse_range(rows, spec: QuantSpec, num_candidates: int = 100):
-  """L2-optimal clipping (OMSE): a coarse shrink grid, then a fine grid of the same size around its best."""
-  lo, hi = _binary_base(rows) if spec.format == BINARY else minmax_range(rows)
-  coarse = _ratios(num_candidates)
-  errs = jax.vmap(lambda a: row_error(rows, lo * a, hi * a, spec, 2.0))(coarse)
-  best = coarse[jnp.argmin(errs, axis=0)]                                  # [R]
-  step = 1.0 / num_candidates
-  fine = best[None, :] + jnp.linspace(-step, step, num_candidates)[:, None]  # [C, R]
-  fine = jnp.clip(fine, 0.005, 1.0)
-  errs = jax.vmap(lambda a: row_error(rows, lo * a, hi * a, spec, 2.0))(fine)
+def omse_range(rows: Array, spec: QuantSpec, num_candidates: int = 100, num_fine: int = 21,
+               min_ratio: float = 0.01) -> tuple[Array, Array]:
+  """OMSE: L2-optimal clipping by a coarse shrink grid of `num_candidates`, then `num_fine` (odd, so the
+  coarse best is kept) ratios spanning ±1/C around the coarse best. Never worse than `mse_range` at p=2."""
+  lo, hi = base_range(rows, spec)
+  coarse = shrink_ratios(num_candidates, min_ratio)
+  errs = candidate_errors(rows, coarse[:, None] * lo, coarse[:, None] * hi, spec, 2.0)
+  best = coarse[jnp.argmin(errs, axis=0)]                                            # [R]
+  nf = num_fine + (1 - num_fine % 2)
+  offs = jnp.linspace(-1.0, 1.0, nf) / num_candidates
+  offs = offs.at[nf // 2].set(0.0)                                                   # exactly the coarse best
+  fine = jnp.clip(best[None, :] + offs[:, None], min_ratio / 2, 1.0)                 # [F, R]
+  errs = candidate_errors(rows, fine * lo, fine * hi, spec, 2.0)
   pick = jnp.take_along_axis(fine, jnp.argmin(errs, axis=0)[None], axis=0)[0]
   return lo * pick, hi * pick
 
 
-def kl_range(rows, spec: QuantSpec, num_bins: int = 2048):
+def kl_range(rows: Array, spec: QuantSpec, num_bins: int = 2048, num_candidates: int = 128,
+             min_ratio: float = 1.0 / 16) -> tuple[Array, Array]:
+  """Entropy (KL) calibration per row, one-shot: build the histogram, then `kl_from_hist`.
+
+  Symmetric specs get a histogram over the symmetric range [−max|x|, max|x|], so that folding it into the
+  |x| histogram is exact; asymmetric / unsigned specs a histogram over [min(x, 0), max(x, 0)].
+  """
+  rows = rows.astype(jnp.float32)
   lo, hi = minmax_range(rows)
+  lo, hi = jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)
+  if _kl_mode(spec) == "abs":
+    a = jnp.maximum(-lo, hi)
+    lo, hi = -a, a
   hist = accumulate_hist(init_hist(rows.shape[0], num_bins), rows, lo, hi)
-  return jax.vmap(lambda h, l, u: kl_from_hist(h, l, u, spec))(hist, lo, hi)
+  fn = lambda a: kl_from_hist(a[0], a[1], a[2], spec, num_candidates=num_candidates, min_ratio=min_ratio)
+  return jax.lax.map(fn, (hist, lo, hi), batch_size=_chunk(rows.shape[0], 8 * num_candidates * num_bins))
 
 
 # --- streaming: errors per candidate -------------------------------------------------------------------
-def init_error_state(num_rows: int, num_candidates: int) -> jax.Array:
+def init_error_state(num_rows: int, num_candidates: int) -> Array:
+  """Accumulated errors [R, C] of the shrink-grid candidates."""
   return jnp.zeros((num_rows, num_candidates), jnp.float32)
 
 
-def accumulate_errors(state, rows, lo, hi, spec: QuantSpec, p: float):
-  """Add Σ|x − Q_c(x)|^p for every candidate c (shrink factors of the base range [lo, hi])."""
-  r = _ratios(state.shape[1])
-  errs = jax.vmap(lambda a: row_error(rows, lo * a, hi * a, spec, p))(r)   # [C, R]
+def accumulate_errors(state: Array, rows: Array, lo: Array, hi: Array, spec: QuantSpec, p: float = 2.0,
+                      min_ratio: float = 0.01) -> Array:
+  """Add Σ|x − Q_c(x)|^p for every candidate c = (lo·r_c, hi·r_c) of the base range [lo, hi] [R] (from a
+  first pass over all batches: `base_range`; binary: `binary_base`). Rows of every batch must be the same
+  quantization parameters (same R)."""
+  r = shrink_ratios(state.shape[1], min_ratio)
+  errs = candidate_errors(rows, r[:, None] * lo, r[:, None] * hi, spec, p)   # [C, R]
   return state + errs.T
 
 
-def finalize_errors(state, lo, hi):
+def finalize_errors(state: Array, lo: Array, hi: Array, min_ratio: float = 0.01) -> tuple[Array, Array]:
   """The best candidate range per row from accumulated errors [R, C] (or [C] for one row)."""
-  r = _ratios(state.shape[-1])
+  r = shrink_ratios(state.shape[-1], min_ratio)
   best = r[jnp.argmin(state, axis=-1)]
   return lo * best, hi * best
 
 
 # --- streaming: histograms ------------------------------------------------------------------------------
-def init_hist(num_rows: int, num_bins: int = 2048) -> jax.Array:
-  return jnp.zeros((num_rows, num_bins), jnp.float32)
+def init_hist(num_rows: int, num_bins: int = 2048) -> Array:
+  """Per-row histogram counts [R, bins] (int32: exact over many batches)."""
+  return jnp.zeros((num_rows, num_bins), jnp.int32)
 
 
-def accumulate_hist(state, rows, lo, hi):
-  """Histogram of each row over its base range [lo, hi] (values outside land in the end bins)."""
-  bins = state.shape[1]
-  width = jnp.maximum(hi - lo, 1e-12)[:, None]
+def accumulate_hist(state: Array, rows: Array, lo: Array, hi: Array) -> Array:
+  """Add each row's values to its histogram over the fixed base range [lo, hi] [R] (equal-width bins;
+  values outside land in the end bins — with a base range from a min/max pass there are none)."""
+  r, bins = state.shape
+  rows = rows.astype(jnp.float32)
+  width = jnp.maximum(hi - lo, 1e-30)[:, None]
   idx = jnp.clip(jnp.floor((rows - lo[:, None]) / width * bins), 0, bins - 1).astype(jnp.int32)
-  one = jax.vmap(lambda i: jnp.zeros((bins,), jnp.float32).at[i].add(1.0))(idx)
-  return state + one
+  row_id = jnp.broadcast_to(jnp.arange(r, dtype=jnp.int32)[:, None], idx.shape)
+  return state.at[row_id, idx].add(jnp.ones(idx.shape, state.dtype))
 
 
-def percentile_from_hist(hist, lo, hi, q: float = 99.99):
-  """Two-sided percentile range from one row's histogram."""
-  bins = hist.shape[0]
-  cdf = jnp.cumsum(hist) / jnp.maximum(jnp.sum(hist), 1.0)
-  edges = lo + (hi - lo) * jnp.arange(1, bins + 1) / bins
-  lower = lo + (hi - lo) * jnp.argmax(cdf >= (100.0 - q) / 100.0) / bins
-  upper = edges[jnp.argmax(cdf >= q / 100.0)]
-  return jnp.minimum(lower, 0.0), jnp.maximum(upper, 0.0)
+def percentile_from_hist(hist: Array, lo, hi, q: float = 99.99) -> tuple[Array, Array]:
+  """Two-sided percentile range [pct(100 − q), pct(q)] of one row's histogram over [lo, hi], interpolating
+  linearly inside the crossing bin (values assumed uniform within a bin: error ≲ one bin width)."""
+  _check_q(q)
+  h = hist.astype(jnp.float32)
+  bins = h.shape[0]
+  total = jnp.maximum(jnp.sum(h), 1.0)
+  cdf = jnp.cumsum(h) / total
+  prev = cdf - h / total
+  width = (hi - lo) / bins
+
+  def at(frac):
+    k = jnp.argmax(cdf >= frac)
+    inside = jnp.clip((frac - prev[k]) / jnp.maximum(cdf[k] - prev[k], 1e-30), 0.0, 1.0)
+    return lo + width * (k + inside)
+
+  return at((100.0 - q) / 100.0), at(q / 100.0)
 
 
-def kl_from_hist(hist, lo, hi, spec: QuantSpec, num_candidates: int = 64):
-  """Entropy calibration (TensorRT): choose the clipping that minimises KL(P ‖ Q) between the reference
-  distribution (clipped, outliers folded into the edge bins) and its quantized version.
+def _kl_mode(spec: QuantSpec) -> str:
+  """'abs' (|x| histogram, one threshold), 'upper' (unsigned: clip above only), 'two_sided', 'binary'."""
+  if spec.format == BINARY:
+    return "binary"
+  if spec.is_float or spec.format == TERNARY or (spec.symmetric and spec.signed):
+    return "abs"
+  if spec.symmetric and not spec.signed:
+    return "upper"
+  return "two_sided"
 
-  The histogram spans [lo, hi]; candidates shrink both ends toward zero by the same factor (so a
-  two-sided, asymmetric range is handled as well as a symmetric one). Levels = the spec's grid size.
+
+def _level_table(spec: QuantSpec) -> Optional[np.ndarray]:
+  """Sorted distinct finite values of a float format's grid (bucket ids for KL)."""
+  from dqjax.quant import packing
+  t = packing.float_table(spec.format)
+  return np.unique(t[np.isfinite(t)])   # ±0 collapse into one level
+
+
+def _bucket_ids(x: Array, qp: qops.QParams, spec: QuantSpec) -> tuple[Array, int]:
+  """Index of the quantization level each value of x goes to, and the number of levels."""
+  rs = row_spec(spec)
+  codes = qops.quantize(x, qp, rs)
+  if spec.is_float:
+    levels = _level_table(spec)
+    return jnp.searchsorted(jnp.asarray(levels), codes).astype(jnp.int32), len(levels)
+  return (codes - spec.qmin).astype(jnp.int32), int(spec.qmax - spec.qmin + 1)
+
+
+def _kl_divergence(h: Array, centers: Array, c_lo, c_hi, spec: QuantSpec, eps: float = 1e-4) -> Array:
+  """KL(P ‖ Q) of one candidate clipping [c_lo, c_hi] (the TensorRT / MXNet construction).
+
+  P: the histogram restricted to bins whose centre lies in [c_lo, c_hi], with the mass outside added to
+  the first / last such bin. Q: the same restricted histogram *without* the outliers, each quantization
+  level's mass spread evenly over the level's bins where P is non-zero. Levels are those of the actual
+  quantizer for this clipping (bins are grouped by the level their centre rounds to, so int, ternary and
+  non-uniform float grids are all faithful). Zeros of Q where P > 0 are smoothed with `eps`.
   """
-  bins = hist.shape[0]
-  levels = int(spec.qmax - spec.qmin + 1) if not spec.is_float else 2 ** spec.effective_bits
-  centers = lo + (hi - lo) * (jnp.arange(bins) + 0.5) / bins
-  ratios = jnp.linspace(1.0, 0.05, num_candidates)
+  inside = (centers >= c_lo) & (centers <= c_hi)
+  any_inside = jnp.any(inside)
+  sliced = jnp.where(inside, h, 0.0)
+  below = jnp.sum(jnp.where(centers < c_lo, h, 0.0))
+  above = jnp.sum(jnp.where(centers > c_hi, h, 0.0))
+  n = h.shape[0]
+  first = jnp.argmax(inside)
+  last = n - 1 - jnp.argmax(inside[::-1])
+  p = sliced.at[first].add(below).at[last].add(above)
+  qp = qops.params_from_range(jnp.minimum(c_lo, 0.0), jnp.maximum(c_hi, 0.0), row_spec(spec))
+  ids, num_levels = _bucket_ids(centers, qp, spec)
+  nz = (p > 0) & inside
+  mass = jax.ops.segment_sum(sliced, ids, num_levels)
+  count = jax.ops.segment_sum(nz.astype(jnp.float32), ids, num_levels)
+  q = jnp.where(nz, mass[ids] / jnp.maximum(count[ids], 1.0), 0.0)
+  p_n = p / jnp.maximum(jnp.sum(p), 1e-30)
+  q_n = q / jnp.maximum(jnp.sum(q), 1e-30)
+  q_n = jnp.where(nz & (q_n <= 0), eps, q_n)
+  q_n = q_n / jnp.maximum(jnp.sum(q_n), 1e-30)
+  kl = jnp.sum(jnp.where(p_n > 0, p_n * (jnp.log(jnp.maximum(p_n, 1e-30)) - jnp.log(jnp.maximum(q_n, 1e-30))),
+                         0.0))
+  return jnp.where(any_inside, kl, jnp.inf)
 
-  def kl_for(a):
-    c_lo, c_hi = lo * a, hi * a
-    inside = (centers >= c_lo) & (centers <= c_hi)
-    p = jnp.where(inside, hist, 0.0)
-    p = p + jnp.where(centers < c_lo, 0.0, 0.0)
-    below = jnp.sum(jnp.where(centers < c_lo, hist, 0.0))
-    above = jnp.sum(jnp.where(centers > c_hi, hist, 0.0))
-    first = jnp.argmax(inside)
-    last = bins - 1 - jnp.argmax(inside[::-1])
-    p = p.at[first].add(below).at[last].add(above)
-    # quantize the clipped range into `levels` buckets, spreading each bucket's mass over its non-empty bins
-    bucket = jnp.clip(jnp.floor((centers - c_lo) / jnp.maximum(c_hi - c_lo, 1e-12) * levels), 0, levels - 1)
-    bucket = bucket.astype(jnp.int32)
-    mass = jax.ops.segment_sum(p, bucket, levels)
-    nonzero = jax.ops.segment_sum(jnp.where((p > 0) & inside, 1.0, 0.0), bucket, levels)
-    q = jnp.where((p > 0) & inside, mass[bucket] / jnp.maximum(nonzero[bucket], 1.0), 0.0)
-    p_n = p / jnp.maximum(jnp.sum(p), 1e-12)
-    q_n = q / jnp.maximum(jnp.sum(q), 1e-12)
-    return jnp.sum(jnp.where(p_n > 0, p_n * (jnp.log(p_n + 1e-12) - jnp.log(q_n + 1e-12)), 0.0))
 
-  kls = jax.vmap(kl_for)(ratios)
-  best = ratios[jnp.argmin(kls)]
-  return lo * best, hi * best
+def kl_from_hist(hist: Array, lo, hi, spec: QuantSpec, num_candidates: int = 128,
+                 min_ratio: float = 1.0 / 16) -> tuple[Array, Array]:
+  """Entropy calibration (TensorRT) from one row's histogram over [lo, hi]: the clipping minimising
+  KL(P ‖ Q) between the clipped reference distribution and its quantized version (`_kl_divergence`).
+
+  - symmetric specs (signed int, ternary, float formats): the signed histogram is folded into an |x|
+    histogram of the same bin width (exact when [lo, hi] is symmetric, as `kl_range` builds it; within one
+    bin otherwise) and one threshold T = max(|lo|, |hi|)·r is searched, r ∈ linspace(1, min_ratio, C);
+    returns (−T, T);
+  - unsigned int: the upper end hi·r is searched, the lower end stays at min(lo, 0);
+  - asymmetric int: both ends are searched on a √C × √C grid (lo·r₁, hi·r₂);
+  - binary: no clipping to choose; returns ±(histogram estimate of mean|x|), the L2-optimal binary scale.
+  """
+  h = hist.astype(jnp.float32)
+  bins = h.shape[0]
+  lo = jnp.asarray(lo, jnp.float32)
+  hi = jnp.asarray(hi, jnp.float32)
+  width = jnp.maximum((hi - lo) / bins, 1e-30)
+  centers = lo + width * (jnp.arange(bins, dtype=jnp.float32) + 0.5)
+  mode = _kl_mode(spec)
+  if mode == "binary":
+    m = jnp.sum(h * jnp.abs(centers)) / jnp.maximum(jnp.sum(h), 1.0)
+    return -m, m
+  if mode == "abs":
+    top = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
+    # |x| bins as wide as the signed ones (an exact mirror when lo = −hi), or wider when the signed
+    # histogram does not reach zero, so that [0, top] always fits in `bins` bins.
+    a_width = jnp.maximum(width, top / bins)
+    idx = jnp.clip(jnp.floor(jnp.abs(centers) / a_width), 0, bins - 1).astype(jnp.int32)
+    h = jax.ops.segment_sum(h, idx, bins)
+    centers = a_width * (jnp.arange(bins, dtype=jnp.float32) + 0.5)
+    r = jnp.linspace(1.0, min_ratio, num_candidates)
+    c_lo, c_hi = jnp.zeros_like(r), top * r
+  else:
+    lo0, hi0 = jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)
+    if mode == "upper":
+      r = jnp.linspace(1.0, min_ratio, num_candidates)
+      c_lo, c_hi = jnp.full_like(r, lo0), hi0 * r
+    else:
+      k = max(2, int(np.ceil(np.sqrt(num_candidates))))
+      r = jnp.linspace(1.0, min_ratio, k)
+      c_lo = jnp.broadcast_to((lo0 * r)[:, None], (k, k)).reshape(-1)
+      c_hi = jnp.broadcast_to((hi0 * r)[None, :], (k, k)).reshape(-1)
+  fn = lambda c: _kl_divergence(h, centers, c[0], c[1], spec)
+  kls = jax.lax.map(fn, (c_lo, c_hi), batch_size=_chunk(c_lo.shape[0], 8 * bins))
+  b = jnp.argmin(kls)
+  if mode == "abs":
+    return -c_hi[b], c_hi[b]
+  return c_lo[b], c_hi[b]

@@ -57,22 +57,28 @@ def minifloat_round(x: Array, fmt: str) -> Array:
   """Round to the nearest value of a small float format (round half to even, saturating at its max).
 
   Written in plain jnp so that every format (fp6 included, which XLA cannot cast to) behaves the same and
-  compiles everywhere; `tests/test_quant_ops.py` checks it against `ml_dtypes` casts.
+  compiles everywhere; `tests/test_quant_ops.py` checks it against `ml_dtypes` casts. The exponent comes
+  from `frexp` and the step 2^(e-m) is built from its bit pattern, both exact (`log2`/`exp2` are not on
+  XLA:CPU, which made fp8_e5m2 steps off by an ulp).
   """
   e_bits, m_bits, max_val = FLOAT_FORMATS[fmt]
   bias = 2 ** (e_bits - 1) - 1
   min_exp = 1 - bias  # exponent of the smallest normal; below it the step is constant (subnormals)
-  ax = jnp.abs(x)
-  exp = jnp.floor(jnp.log2(jnp.maximum(ax, 1e-30)))
-  exp = jnp.maximum(exp, min_exp)
-  step = jnp.exp2(exp - m_bits)
+  ax = jnp.abs(x).astype(jnp.float32)
+  _, e = jnp.frexp(ax)                       # ax = f * 2^e with f in [0.5, 1): floor(log2 ax) = e - 1
+  exp = jnp.maximum(e - 1, min_exp)
+  step = jax.lax.bitcast_convert_type((exp - m_bits + 127) << 23, jnp.float32)   # exactly 2^(exp - m)
   q = jnp.round(ax / step) * step
   q = jnp.minimum(q, max_val)
-  return jnp.sign(x) * q
+  return (jnp.sign(x) * q).astype(x.dtype)
 
 
 def minifloat_round_ste(x: Array, fmt: str) -> Array:
-  return x + jax.lax.stop_gradient(minifloat_round(x, fmt) - x)
+  """minifloat_round forward; straight-through inside [-max, max] and zero gradient beyond (saturation),
+  like the int quantizer's clip."""
+  max_val = FLOAT_FORMATS[fmt][2]
+  xc = jnp.clip(x, -max_val, max_val)
+  return xc + jax.lax.stop_gradient(minifloat_round(xc, fmt) - xc)
 
 
 # --- granularity helpers --------------------------------------------------------------------------
