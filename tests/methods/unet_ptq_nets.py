@@ -15,7 +15,7 @@ def tiny_unet(seed: int = 0):
   model = models.UNet2DModel(TINY)
   x = jnp.zeros((2, 8, 8, 2))
   t = jnp.full((2,), 500.0)
-  params = model.init(jax.random.key(seed), x, t)["params"]
+  params = jax.jit(model.init)(jax.random.key(seed), x, t)["params"]   # jitted: eager init is slow
   return model, params, (x, t, None)
 
 
