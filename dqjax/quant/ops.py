@@ -53,6 +53,16 @@ def sign_ste(x: Array) -> Array:
   return clipped + jax.lax.stop_gradient(s - clipped)
 
 
+def clip_ste(u: Array, lo, hi) -> Array:
+  """clip(u, lo, hi) with gradient 1 on the closed interval [lo, hi] and 0 outside.
+
+  `jnp.clip` splits the gradient 0.5/0.5 when u equals a bound, and after rounding u equals a bound on a
+  whole step (and at the calibrated absmax), which halved the STE/LSQ gradient there. LSQ's and torch's
+  clamp conventions are inclusive.
+  """
+  return jnp.where((u >= lo) & (u <= hi), u, jnp.clip(u, lo, hi))
+
+
 def minifloat_round(x: Array, fmt: str) -> Array:
   """Round to the nearest value of a small float format (round half to even, saturating at its max).
 
@@ -77,7 +87,7 @@ def minifloat_round_ste(x: Array, fmt: str) -> Array:
   """minifloat_round forward; straight-through inside [-max, max] and zero gradient beyond (saturation),
   like the int quantizer's clip."""
   max_val = FLOAT_FORMATS[fmt][2]
-  xc = jnp.clip(x, -max_val, max_val)
+  xc = clip_ste(x, -max_val, max_val)
   return xc + jax.lax.stop_gradient(minifloat_round(xc, fmt) - xc)
 
 
@@ -206,16 +216,21 @@ def fake_quant(x: Array, qp: Optional[QParams], spec: QuantSpec, *, rounding: st
   elif spec.is_float:
     out = minifloat_round_ste(xg / s, spec.format) * s
   else:
+    # Clip, then round: equal values to clip(round(u)) for integer bounds, but the gradient is the LSQ one
+    # (1 for qmin <= u <= qmax, 0 outside) instead of being halved on the end levels. AdaRound's soft
+    # offset is not integer-valued, so there the clip follows the offset, as in the paper.
+    # The zero point moves the bounds (qmin − z, qmax − z stay integers), so round(u) is taken before any
+    # float addition of z, exactly as in `quantize`.
     u = xg / s
-    if rounding_offset is not None:
-      r = floor_ste(u) + group_view(rounding_offset, spec)
-    else:
-      r = _grid_round(u, rounding, key)
-    if spec.symmetric or spec.format == TERNARY or qp.zero_point is None:
-      out = jnp.clip(r, spec.qmin, spec.qmax) * s
-    else:
+    lo, hi = spec.qmin, spec.qmax
+    if not (spec.symmetric or spec.format == TERNARY or qp.zero_point is None):
       z = round_ste(qp.zero_point)
-      out = (jnp.clip(r + z, spec.qmin, spec.qmax) - z) * s
+      lo, hi = lo - z, hi - z
+    if rounding_offset is not None:
+      r = clip_ste(floor_ste(u) + group_view(rounding_offset, spec), lo, hi)
+    else:
+      r = _grid_round(clip_ste(u, lo, hi), rounding, key)
+    out = r * s
   return ungroup_view(out.astype(x.dtype), spec, shape)
 
 
