@@ -32,8 +32,24 @@ class SamplerCorrection:
   fn: Callable
   state: Any
 
+  def __post_init__(self):
+    # Remember the function by name so a checkpoint (which stores name + state) can rebuild it.
+    _CORRECTION_FNS.setdefault(self.name, self.fn)
+
   def __call__(self, eps, info):
     return self.fn(self.state, eps, info)
+
+
+_CORRECTION_FNS: dict[str, Callable] = {}
+
+
+def correction_from_checkpoint(name: str, state: Any) -> SamplerCorrection:
+  """Rebuild a saved sampler correction (the method modules register their functions when they build one;
+  importing them all makes every name known)."""
+  _load_all()
+  if name not in _CORRECTION_FNS:
+    raise ValueError(f"sampler correction {name!r} is unknown; known: {', '.join(sorted(_CORRECTION_FNS))}")
+  return SamplerCorrection(name, _CORRECTION_FNS[name], state)
 
 
 def chain_corrections(corrections: Sequence[SamplerCorrection]) -> Optional[Callable]:

@@ -1,0 +1,105 @@
+r"""Quantize one zoo model with one method at one bit setting: checkpoint + metrics in a run directory.
+
+  python -m experiments.quantize --model=ldm-mnist --method=mse --setting=W4A8 --workdir=runs/q/ldm_mse_w4a8
+  python -m experiments.quantize --model=dit-mnist --method=minmax --setting=W8A8 --num_samples=256 \
+      --workdir=runs/q/dit
+
+A rerun with the same workdir reuses the saved checkpoint (quantization is not repeated).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+
+from dqjax import checkpoint, metrics, zoo
+from dqjax.benchmark import costs, report, runner
+from dqjax.methods import recipe as recipe_lib
+from dqjax.quant.spec import parse_bits
+
+_MODEL = flags.DEFINE_string("model", "ldm-mnist", "zoo model")
+_METHOD = flags.DEFINE_string("method", "minmax", "registered method")
+_SETTING = flags.DEFINE_string("setting", "W8A8", "bit setting W<bits>A<bits>")
+_SAMPLES = flags.DEFINE_integer("num_samples", 256, "evaluation samples")
+_CALIB_SAMPLES = flags.DEFINE_integer("calib_samples", 64, "calibration samples per selected step")
+_CALIB_STEPS = flags.DEFINE_integer("calib_steps", 10, "selected steps of the FP trajectory")
+_SEED = flags.DEFINE_integer("seed", 0, "seed")
+_WORKDIR = flags.DEFINE_string("workdir", None, "run directory (default runs/quantize/<model>_<method>_<setting>)")
+
+
+def main(argv):
+  del argv
+  if _MODEL.value not in zoo.NAMES:
+    raise app.UsageError(f"--model={_MODEL.value!r}; accepted values: {', '.join(zoo.NAMES)}")
+  entry_method = recipe_lib.get(_METHOD.value)          # clear error for an unknown method
+  w_bits, a_bits = parse_bits(_SETTING.value)
+  if _SAMPLES.value <= 0:
+    raise app.UsageError(f"--num_samples={_SAMPLES.value} must be positive")
+  workdir = _WORKDIR.value or os.path.join("runs", "quantize", f"{_MODEL.value}_{_METHOD.value}_{_SETTING.value}")
+  os.makedirs(workdir, exist_ok=True)
+  config = {"model": _MODEL.value, "method": _METHOD.value, "family": entry_method.family,
+            "setting": _SETTING.value.upper(), "num_samples": _SAMPLES.value, "calib_samples": _CALIB_SAMPLES.value,
+            "calib_steps": _CALIB_STEPS.value, "seed": _SEED.value,
+            "method_config": None}
+  mcfg = runner.method_config(_METHOD.value)
+  if mcfg is not None:
+    config["method_config"] = json.loads(mcfg.to_json_best_effort())
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    json.dump(config, f, indent=1)
+
+  suite = runner.SuiteConfig(models=(_MODEL.value,), methods=(_METHOD.value,), settings=(_SETTING.value.upper(),),
+                             num_samples=_SAMPLES.value, batch_size=min(_SAMPLES.value, 250),
+                             calib_samples=_CALIB_SAMPLES.value, calib_steps=_CALIB_STEPS.value, seed=_SEED.value)
+  run = runner.prepare_model(_MODEL.value, suite)
+  entry = run.entry
+  ckpt = os.path.join(workdir, "checkpoint")
+  start = time.perf_counter()
+  qm = None
+  if os.path.isdir(ckpt):
+    qm = _restore(ckpt, entry, w_bits, a_bits)
+  if qm is None:
+    rec = recipe_lib.build(_METHOD.value, mcfg)
+    qm = rec(entry.model, entry.params, entry.example_args(2), run.calib, w_bits=w_bits, a_bits=a_bits,
+             model_family=entry.family, num_train_timesteps=entry.num_train_timesteps, env=entry.env())
+    checkpoint.save(ckpt, qm.plan, qm.params, qm.qstate,
+                    corrections={c.name: c.state for c in qm.corrections},
+                    metadata={"model": _MODEL.value, "method": _METHOD.value, "setting": _SETTING.value.upper()})
+  quant_seconds = time.perf_counter() - start
+  images, traj = runner.sample_images(entry, qm.denoiser(), run.noise, run.conds, jax.random.key(_SEED.value + 1),
+                                      correction=qm.correction, batch_size=suite.batch_size, trajectory=True)
+  scores = {k: float(v) for k, v in metrics.evaluate_samples(images, run.labels).items()}
+  scores.update(psnr=float(metrics.psnr(images, run.fp_images)), ssim=float(metrics.ssim(images, run.fp_images)),
+                quant_seconds=quant_seconds, **costs.row_costs(entry, qm.plan))
+  scores["traj_mse"] = [float(v) for v in np.asarray(metrics.trajectory_mse(traj.xs, run.fp_traj.xs))]
+  with open(os.path.join(workdir, "metrics.json"), "w") as f:
+    json.dump(scores, f, indent=1)
+  row = {"model": _MODEL.value, "method": _METHOD.value, "setting": _SETTING.value.upper(), **scores,
+         "num_samples": _SAMPLES.value}
+  with open(os.path.join(workdir, "table.md"), "w") as f:
+    f.write(report.markdown_table([row]))
+  with open(os.path.join(workdir, "table.csv"), "w") as f:
+    f.write(report.csv_table([row]))
+  report.save_grid(images[:64], os.path.join(workdir, "samples.png"))
+  report.save_grid(run.fp_images[:64], os.path.join(workdir, "samples_fp.png"))
+  print(report.markdown_table([row]))
+  print(f"checkpoint: {ckpt}; metrics: {workdir}/metrics.json")
+
+
+def _restore(ckpt, entry, w_bits, a_bits):
+  """The saved QModel, or None when it cannot be rebuilt here (then quantization runs again)."""
+  try:
+    saved = checkpoint.restore(ckpt)
+    corrections = tuple(recipe_lib.correction_from_checkpoint(n, s) for n, s in saved["corrections"].items())
+  except (ValueError, FileNotFoundError) as e:
+    print(f"not reusing {ckpt}: {e}")
+    return None
+  return recipe_lib.QModel(entry.model, saved["plan"], saved["params"], saved["qstate"], entry.params,
+                           entry.num_train_timesteps, corrections, saved["metadata"], entry.env())
+
+
+if __name__ == "__main__":
+  app.run(main)
