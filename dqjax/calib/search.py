@@ -77,18 +77,25 @@ def row_error(rows: Array, lo: Array, hi: Array, spec: QuantSpec, p: float = 2.0
   rows = rows.astype(jnp.float32)
   qp = params_for((lo, hi), spec)
   d = jnp.abs(qops.fake_quant(rows, qp, row_spec(spec)) - rows)
-  return jnp.sum(d * d if p == 2 else d ** p, axis=1)
+  return jnp.sum(d * d if isinstance(p, (int, float)) and p == 2 else d ** p, axis=1)   # p may be traced
 
 
 def _chunk(n_items: int, per_item: int) -> int:
   return int(max(1, min(n_items, _BUDGET // max(per_item, 1))))
 
 
+def _map(fn, xs, per_item: int):
+  """vmap over the leading axis when it fits the budget (one body to compile), else chunked lax.map."""
+  n = jax.tree_util.tree_leaves(xs)[0].shape[0]
+  batch = _chunk(n, per_item)
+  return jax.vmap(fn)(xs) if batch >= n else jax.lax.map(fn, xs, batch_size=batch)
+
+
 def candidate_errors(rows: Array, lo_c: Array, hi_c: Array, spec: QuantSpec, p: float = 2.0) -> Array:
   """Errors [C, R] of candidate ranges lo_c, hi_c [C, R] (vectorised in chunks over candidates)."""
   rows = rows.astype(jnp.float32)
   fn = lambda lh: row_error(rows, lh[0], lh[1], spec, p)
-  return jax.lax.map(fn, (lo_c, hi_c), batch_size=_chunk(lo_c.shape[0], rows.size))
+  return _map(fn, (lo_c, hi_c), rows.size)
 
 
 def shrink_ratios(num_candidates: int, min_ratio: float = 0.01) -> Array:
@@ -158,18 +165,28 @@ def kl_range(rows: Array, spec: QuantSpec, num_bins: int = 2048, num_candidates:
              min_ratio: float = 1.0 / 16) -> tuple[Array, Array]:
   """Entropy (KL) calibration per row, one-shot: build the histogram, then `kl_from_hist`.
 
-  Symmetric specs get a histogram over the symmetric range [−max|x|, max|x|], so that folding it into the
-  |x| histogram is exact; asymmetric / unsigned specs a histogram over [min(x, 0), max(x, 0)].
+  Symmetric specs (see `kl_from_hist`) get a signed histogram of 2·num_bins bins over the symmetric range
+  [−max|x|, max|x|], which folds exactly into an |x| histogram of `num_bins` bins (TensorRT's 2048 |x|
+  bins by default); asymmetric / unsigned specs a signed histogram of `num_bins` over
+  [min(x, 0), max(x, 0)]. To reproduce this from streamed histograms, accumulate over the same ranges.
   """
   rows = rows.astype(jnp.float32)
-  lo, hi = minmax_range(rows)
+  lo, hi = kl_base_range(rows, spec)
+  bins = 2 * num_bins if _kl_mode(spec) == "abs" else num_bins
+  hist = accumulate_hist(init_hist(rows.shape[0], bins), rows, lo, hi)
+  fn = lambda a: kl_from_hist(a[0], a[1], a[2], spec, num_candidates=num_candidates, min_ratio=min_ratio)
+  return _map(fn, (hist, lo, hi), 8 * num_candidates * bins)
+
+
+def kl_base_range(rows: Array, spec: QuantSpec) -> tuple[Array, Array]:
+  """The histogram range `kl_range` uses: [−max|x|, max|x|] for symmetric specs, [min(x,0), max(x,0)]
+  otherwise."""
+  lo, hi = minmax_range(rows.astype(jnp.float32))
   lo, hi = jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)
   if _kl_mode(spec) == "abs":
     a = jnp.maximum(-lo, hi)
     lo, hi = -a, a
-  hist = accumulate_hist(init_hist(rows.shape[0], num_bins), rows, lo, hi)
-  fn = lambda a: kl_from_hist(a[0], a[1], a[2], spec, num_candidates=num_candidates, min_ratio=min_ratio)
-  return jax.lax.map(fn, (hist, lo, hi), batch_size=_chunk(rows.shape[0], 8 * num_candidates * num_bins))
+  return lo, hi
 
 
 # --- streaming: errors per candidate -------------------------------------------------------------------
@@ -213,22 +230,45 @@ def accumulate_hist(state: Array, rows: Array, lo: Array, hi: Array) -> Array:
 
 
 def percentile_from_hist(hist: Array, lo, hi, q: float = 99.99) -> tuple[Array, Array]:
-  """Two-sided percentile range [pct(100 − q), pct(q)] of one row's histogram over [lo, hi], interpolating
-  linearly inside the crossing bin (values assumed uniform within a bin: error ≲ one bin width)."""
+  """Two-sided percentile range [pct(100 − q), pct(q)] of one row's histogram over [lo, hi].
+
+  Uses numpy's rank convention (position (n − 1)·q/100 among the sorted values) and places the values of a
+  bin evenly inside it, so the result lies within one bin width of the order statistics that bracket the
+  exact percentile (in dense regions: within about a bin of `percentile_range`; in a sparse tail the exact
+  value itself interpolates between samples that may be many bins apart)."""
   _check_q(q)
   h = hist.astype(jnp.float32)
   bins = h.shape[0]
-  total = jnp.maximum(jnp.sum(h), 1.0)
-  cdf = jnp.cumsum(h) / total
-  prev = cdf - h / total
+  n = jnp.sum(h)
+  cum = jnp.cumsum(h)
+  prev = cum - h
   width = (hi - lo) / bins
 
   def at(frac):
-    k = jnp.argmax(cdf >= frac)
-    inside = jnp.clip((frac - prev[k]) / jnp.maximum(cdf[k] - prev[k], 1e-30), 0.0, 1.0)
+    t = (n - 1.0) * frac                                 # 0-based position among the sorted values
+    k = jnp.argmax(cum >= jnp.floor(t) + 1.0)            # the bin holding sorted value floor(t)
+    inside = jnp.clip((t - prev[k] + 0.5) / jnp.maximum(h[k], 1.0), 0.0, 1.0)
     return lo + width * (k + inside)
 
   return at((100.0 - q) / 100.0), at(q / 100.0)
+
+
+def fold_abs_hist(hist: Array, lo, hi) -> tuple[Array, Array]:
+  """Fold a signed histogram over [lo, hi] into an |x| histogram over [0, bins·w]: (counts, w).
+
+  The |x| bins are as wide as the signed ones — an exact mirror when lo = −hi, as `kl_range` builds it —
+  or wider when [lo, hi] does not reach far below zero, so that [0, max(|lo|, |hi|)] always fits. A signed
+  bin goes to the |x| bin holding |its centre|: off by at most one bin otherwise."""
+  h = hist.astype(jnp.float32)
+  bins = h.shape[0]
+  lo = jnp.asarray(lo, jnp.float32)
+  hi = jnp.asarray(hi, jnp.float32)
+  width = jnp.maximum((hi - lo) / bins, 1e-30)
+  centers = lo + width * (jnp.arange(bins, dtype=jnp.float32) + 0.5)
+  top = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
+  a_width = jnp.maximum(width, top / bins)
+  idx = jnp.clip(jnp.floor(jnp.abs(centers) / a_width), 0, bins - 1).astype(jnp.int32)
+  return jax.ops.segment_sum(h, idx, bins), a_width
 
 
 def _kl_mode(spec: QuantSpec) -> str:
@@ -317,11 +357,7 @@ def kl_from_hist(hist: Array, lo, hi, spec: QuantSpec, num_candidates: int = 128
     return -m, m
   if mode == "abs":
     top = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
-    # |x| bins as wide as the signed ones (an exact mirror when lo = −hi), or wider when the signed
-    # histogram does not reach zero, so that [0, top] always fits in `bins` bins.
-    a_width = jnp.maximum(width, top / bins)
-    idx = jnp.clip(jnp.floor(jnp.abs(centers) / a_width), 0, bins - 1).astype(jnp.int32)
-    h = jax.ops.segment_sum(h, idx, bins)
+    h, a_width = fold_abs_hist(h, lo, hi)
     centers = a_width * (jnp.arange(bins, dtype=jnp.float32) + 0.5)
     r = jnp.linspace(1.0, min_ratio, num_candidates)
     c_lo, c_hi = jnp.zeros_like(r), top * r
@@ -336,7 +372,7 @@ def kl_from_hist(hist: Array, lo, hi, spec: QuantSpec, num_candidates: int = 128
       c_lo = jnp.broadcast_to((lo0 * r)[:, None], (k, k)).reshape(-1)
       c_hi = jnp.broadcast_to((hi0 * r)[None, :], (k, k)).reshape(-1)
   fn = lambda c: _kl_divergence(h, centers, c[0], c[1], spec)
-  kls = jax.lax.map(fn, (c_lo, c_hi), batch_size=_chunk(c_lo.shape[0], 8 * bins))
+  kls = _map(fn, (c_lo, c_hi), 8 * bins)
   b = jnp.argmin(kls)
   if mode == "abs":
     return -c_hi[b], c_hi[b]
