@@ -10,12 +10,12 @@ import ml_collections
 def get_config():
   c = ml_collections.ConfigDict()
   c.title = "dqjax survey benchmark (offline zoo)"
-  c.models = ("ldm-mnist", "ddpm-mnist", "ldm-mnist-cond", "dit-mnist", "sd-mnist")
+  c.models = ("ldm-mnist", "dit-mnist", "ldm-mnist-cond", "sd-mnist", "ddpm-mnist")
   c.methods = ("all",)
   c.settings = ("W8A8", "W4A8", "W4A4")
-  c.num_samples = 500
-  c.batch_size = 250
-  c.calib_samples = 64
+  c.num_samples = 256
+  c.batch_size = 256
+  c.calib_samples = 32
   c.calib_steps = 10
   c.calib_policy = "uniform"
   c.seed = 0

@@ -23,6 +23,7 @@ from dqjax.methods import recipe as recipe_lib
 from dqjax.quant.spec import parse_bits
 
 FP_METHOD = "fp"
+BASELINES = ("minmax", "mse")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,6 +208,8 @@ def rows_for(suite: SuiteConfig, family: str) -> list[tuple[str, str]]:
       methods += [n for n in recipe_lib.available(family) if n not in methods]
     elif m != FP_METHOD and family in recipe_lib.get(m).model_families and m not in methods:
       methods.append(m)
+  # Baselines first, so that a partial (interrupted) run already has the rows every method is compared to.
+  methods.sort(key=lambda m: (m not in BASELINES, methods.index(m)))
   return [(FP_METHOD, "FP")] + [(m, s) for m in methods for s in suite.settings]
 
 
