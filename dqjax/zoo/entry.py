@@ -111,8 +111,9 @@ class ZooEntry:
       return jnp.asarray(labels, jnp.int32)
     if self.cond_kind == "text":
       from dqjax.data import mnist
-      caps = mnist.random_captions(np.asarray(labels), seed=0 if key is None else int(jax.random.randint(
-          key, (), 0, 2 ** 31 - 1)))
+      # Deterministic prompts (style word cycles with the position) so this also works under jit.
+      labels = np.asarray(labels)
+      caps = [f"a {mnist.STYLES[i % len(mnist.STYLES)]} {mnist.DIGITS[int(c)]}" for i, c in enumerate(labels)]
       return self.encode_text(jnp.asarray(mnist.tokenize(caps, self.text[0].max_len)))
     return None
 
