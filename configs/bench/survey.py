@@ -10,7 +10,7 @@ import ml_collections
 def get_config():
   c = ml_collections.ConfigDict()
   c.title = "dqjax survey benchmark (offline zoo)"
-  c.models = ("ldm-mnist", "dit-mnist", "ldm-mnist-cond", "sd-mnist", "ddpm-mnist")
+  c.models = ("ldm-mnist", "ldm-mnist-cond", "sd-mnist", "ddpm-mnist", "dit-mnist")
   c.methods = ("all",)
   c.settings = ("W8A8", "W4A8", "W4A4")
   c.num_samples = 256

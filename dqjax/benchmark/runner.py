@@ -209,7 +209,8 @@ def rows_for(suite: SuiteConfig, family: str) -> list[tuple[str, str]]:
     elif m != FP_METHOD and family in recipe_lib.get(m).model_families and m not in methods:
       methods.append(m)
   # Baselines first, so that a partial (interrupted) run already has the rows every method is compared to.
-  methods.sort(key=lambda m: (m not in BASELINES, methods.index(m)))
+  order = {m: i for i, m in enumerate(methods)}
+  methods = sorted(methods, key=lambda m: (m not in BASELINES, order[m]))
   return [(FP_METHOD, "FP")] + [(m, s) for m in methods for s in suite.settings]
 
 
