@@ -46,6 +46,8 @@ def sort_rows(rows: Sequence[dict]) -> list[dict]:
 def markdown_table(rows: Sequence[dict], *, title: str = "") -> str:
   """One table per model, rows grouped by bit setting like the survey's."""
   out = []
+  failed = [r for r in rows if r.get("error")]
+  rows = [r for r in rows if not r.get("error")]
   for model in sorted({r["model"] for r in rows}):
     mrows = sort_rows([r for r in rows if r["model"] == model])
     cols = [c for c in COLUMNS if any(r.get(c[1]) is not None for r in mrows)]
@@ -56,6 +58,10 @@ def markdown_table(rows: Sequence[dict], *, title: str = "") -> str:
     for r in mrows:
       out.append("| " + " | ".join(_fmt(c[2], r.get(c[1])) for c in cols) + " |")
     out.append("")
+  if failed:
+    out.append("Rows not run (the method refused the setting or failed):\n")
+    out += [f"- {r['model']} {r['method']} {r['setting']}: {r['error']}" for r in sort_rows(failed)]
+    out.append("")
   return "\n".join(out)
 
 
@@ -65,7 +71,7 @@ def csv_table(rows: Sequence[dict]) -> str:
   buf = io.StringIO()
   w = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
   w.writeheader()
-  for r in sort_rows(rows):
+  for r in sort_rows([r for r in rows if not r.get("error")]):
     w.writerow(r)
   return buf.getvalue()
 

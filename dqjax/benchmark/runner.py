@@ -236,7 +236,16 @@ def run_suite(suite: SuiteConfig, workdir: str) -> list[dict]:
     bar.set_postfix_str(f"{model} {method} {setting}")
     if model not in runs:
       runs[model] = prepare_model(model, suite)
-    row, images = run_row(runs[model], method, setting, suite)
+    try:
+      row, images = run_row(runs[model], method, setting, suite)
+    except Exception as e:  # a method that refuses a setting (e.g. BiDM is W1A1 only) must not stop the suite
+      msg = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+      print(f"row {model} {method} {setting} failed: {msg}")
+      row = {"model": model, "method": method, "setting": setting, "error": msg,
+             "family": recipe_lib.get(method).family}
+      _write_json_atomic(path, row)
+      all_rows.append(row)
+      continue
     if suite.save_grids:
       report.save_grid(images[:64], os.path.join(workdir, "grids", f"{model}__{method}__{setting}.png"))
       os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
