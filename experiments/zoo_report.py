@@ -26,7 +26,7 @@ def main(argv):
   del argv
   rows = []
   for name in _MODELS.value:
-    if not os.path.isdir(weights_dir(name)):
+    if not name or not os.path.isdir(weights_dir(name)):
       print(f"skip {name}: no weights")
       continue
     entry = zoo.load(name)
@@ -65,11 +65,12 @@ def main(argv):
   for name, fam, config, s, _ in rows:
     lines.append(f"| {name} | {fam} | {config['num_params']:,} | {config['size_mb_fp32']} | {s['fid']:.2f} | "
                  f"{s['sfid']:.2f} | {s['is']:.2f} | {s['precision']:.3f} | {s['recall']:.3f} | "
-                 f"{s.get('cond_acc', float('nan')):.3f} |")
+                 (f"{s['cond_acc']:.3f} |" if "cond_acc" in s else "– |"))
   for label, s in base.items():
     lines.append(f"| *{label}* | reference | – | – | {s['fid']:.2f} | {s['sfid']:.2f} | {s['is']:.2f} | "
                  f"{s['precision']:.3f} | {s['recall']:.3f} | – |")
-  lines += [""] + [f"## {name}\n\n![{name}](zoo/{name}.png)\n" for name, *_ in rows]
+  lines += [""] + [f"## {name}\n\n![{name}](zoo/{name}.png)\n" for name, *_ in rows
+                   if os.path.exists(os.path.join(_DOCS.value, "zoo", f"{name}.png"))]
   with open(os.path.join(_DOCS.value, "zoo.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
   print("\n".join(lines[:len(rows) + 10]))

@@ -54,7 +54,7 @@ SPECS = {
         schedule=dict(kind="linear", num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02),
         sampler=dict(name="ddim", num_steps=20, eta=0.0, timestep_spacing="leading"),
         guidance_scale=3.0, num_classes=10,
-        train=dict(steps=4000, batch_size=64, lr=1e-3, ema=0.995, cond_drop=0.1)),
+        train=dict(steps=8000, batch_size=64, lr=1.5e-3, ema=0.995, cond_drop=0.1)),
     "sd-mnist": dict(
         kind="unet2d_condition", family="unet_text", latent=True, cond="text",
         model=dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=[32, 64],
