@@ -65,7 +65,7 @@ def main(argv):
   for name, fam, config, s, _ in rows:
     lines.append(f"| {name} | {fam} | {config['num_params']:,} | {config['size_mb_fp32']} | {s['fid']:.2f} | "
                  f"{s['sfid']:.2f} | {s['is']:.2f} | {s['precision']:.3f} | {s['recall']:.3f} | "
-                 (f"{s['cond_acc']:.3f} |" if "cond_acc" in s else "– |"))
+                 + (f"{s['cond_acc']:.3f} |" if "cond_acc" in s else "– |"))
   for label, s in base.items():
     lines.append(f"| *{label}* | reference | – | – | {s['fid']:.2f} | {s['sfid']:.2f} | {s['is']:.2f} | "
                  f"{s['precision']:.3f} | {s['recall']:.3f} | – |")
