@@ -1,5 +1,6 @@
-r"""The quick benchmark (≤ 5 minutes on 2 CPU cores): one model, the baselines and every registered
-U-Net method, small sample counts. The README's main command runs it.
+r"""The quick benchmark (≤ 5 minutes on 2 CPU cores): one model (ldm-mnist), the two baselines and
+PTQ4DM at W8A8 / W4A8 / W4A4 with small sample counts. The README's main command runs it; the full
+method set is the survey suite (configs/bench/survey.py).
 
   python -m experiments.bench --config=configs/bench/quick.py --workdir=runs/quick
 """
@@ -10,7 +11,7 @@ def get_config():
   c = ml_collections.ConfigDict()
   c.title = "dqjax quick benchmark"
   c.models = ("ldm-mnist",)
-  c.methods = ("minmax", "mse")
+  c.methods = ("minmax", "mse", "ptq4dm")
   c.settings = ("W8A8", "W4A8", "W4A4")
   c.num_samples = 128
   c.batch_size = 128
