@@ -1,0 +1,39 @@
+"""BiDM: W1A1 with XNOR weights, learnable-threshold binary activations, K maps, SPD distillation."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dqjax.transform import apply as qapply
+from dqjax.transform import hooks
+from tests.methods.qat_nets import run
+
+
+class _Conv:   # the geometry the K map reads from the intercepted module
+  kernel_size, strides, padding = (3, 3), (1, 1), "SAME"
+
+
+def test_bidm_binary_structure_and_space_patched_distillation(monkeypatch):
+  qm = run("bidm", 1, 1, steps=5, feature_patterns=("conv_mid",), lr_binarizer=1e-2)
+  plan, st = qm.plan, qm.qstate["conv_mid"]
+  assert not plan["conv_in"].quantized and not plan["conv_out"].quantized and not plan["qk_matmul"].quantized
+  assert plan["conv_mid"].weight.format == "binary" and plan["conv_mid"].act_spec("input").format == "binary"
+  w = qapply.get_kernel(hooks.extended_params(plan, qm.params, qm.qstate), "conv_mid")
+  for c in range(3):
+    assert np.unique(np.abs(np.asarray(w[..., c]))).size == 1             # ±mean|W| per output channel
+  tau = np.asarray(st.extra["bin_act"]["tau"])
+  assert tau.shape == (8,) and np.any(tau != 0)                          # thresholds learned
+  # activations: sign(x + τ) times the XNOR map K of the conv window
+  monkeypatch.setattr(hooks, "op_kind", lambda m: "conv")
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 8))
+  out = hooks._bin_act_call(lambda a: a, (x,), {}, _Conv(), plan["conv_mid"], st)
+  k = hooks.lowbit.xnor_scale_map(x, (3, 3), (1, 1), "SAME")
+  signs = np.asarray(out / k)
+  np.testing.assert_allclose(np.abs(signs), 1.0, atol=1e-5)
+  np.testing.assert_array_equal(np.sign(signs), np.where(np.asarray(x + tau) >= 0, 1.0, -1.0))
+  g = jax.grad(lambda v: jnp.sum(hooks._bin_act_call(lambda a: a, (v,), {}, _Conv(), plan["conv_mid"], st)
+                                 / jax.lax.stop_gradient(k)))(x)
+  inside = np.abs(np.asarray(x + tau)) < 1
+  assert np.all(np.asarray(g)[~inside] == 0) and np.all(np.asarray(g)[inside] > 0)   # ApproxSign backward
+  info = qm.meta["distill"]
+  assert {"diffusion", "feature"} <= set(info["history"][-1][1])
+  assert "kernel" not in st.extra["shortcut"]                            # 8 → 8 channels: identity shortcut

@@ -1,0 +1,57 @@
+"""BinaryDM: learnable multi-basis binarizer, progressive binarization, shortcuts, low-rank mimicking."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dqjax import models
+from dqjax.methods import binarydm, recipe
+from dqjax.transform import apply as qapply
+from dqjax.transform import hooks
+from tests.methods.qat_nets import run
+
+
+def _tiny_unet():
+  cfg = models.UNet2DConfig.from_dict(dict(
+      sample_size=8, in_channels=2, out_channels=2, block_out_channels=[8, 16], layers_per_block=1,
+      down_block_types=["DownBlock2D", "AttnDownBlock2D"], up_block_types=["AttnUpBlock2D", "UpBlock2D"],
+      attention_head_dim=8, norm_num_groups=4))
+  m = models.UNet2DModel(cfg)
+  x, t = jnp.zeros((1, 8, 8, 2)), jnp.full((1,), 3.0)
+  return m, m.init(jax.random.key(0), x, t)["params"], (x, t)
+
+
+def test_binarydm_multi_basis_levels_and_progressive_gates():
+  model, params, args = _tiny_unet()
+  rec = recipe.build("binarydm", None)
+  qm = recipe.prepare(model, params, rec.rules(1, 4, "unet"), args)
+  qm = binarydm.binarize(qm)
+  ex = qm.qstate["down_blocks_0/resnets_0/conv1"].extra
+  assert "lmb" in ex and "alpha2" in ex["lmb"]                              # full resolution: two bases
+  assert "xnor" in qm.qstate["mid_block/resnets_0/conv1"].extra            # deepest level: one basis
+  assert qm.plan["down_blocks_0/resnets_0/conv1"].weight.bits == 2        # costed at 2 bits
+  assert not qm.plan["conv_in"].quantized and not qm.plan["time_embedding/linear_1"].quantized
+  assert not qm.plan["down_blocks_0/resnets_0/time_emb_proj"].quantized
+  starts = {p: int(st.extra["gate"]["start"]) for p, st in qm.qstate.items() if "gate" in st.extra}
+  assert starts["mid_block/resnets_0/conv1"] == 0 and starts["down_blocks_0/resnets_0/conv1"] == 1
+  assert starts["up_blocks_1/resnets_0/conv1"] == 1 and starts["up_blocks_0/resnets_0/conv1"] == 0
+  path = "down_blocks_0/resnets_0/conv1"
+  w = qapply.get_kernel(params, path)
+  at0 = qapply.get_kernel(hooks.extended_params(qm.plan, qm.params, qm.qstate, step=0), path)
+  at1 = qapply.get_kernel(hooks.extended_params(qm.plan, qm.params, qm.qstate, step=1), path)
+  np.testing.assert_array_equal(np.asarray(at0), np.asarray(w))            # not yet binarized at step 0
+  for c in range(3):
+    assert np.unique(np.asarray(at1[..., c])).size <= 4                    # α1·s1 + α2·s2: ≤ 4 levels
+  mid = qapply.get_kernel(hooks.extended_params(qm.plan, qm.params, qm.qstate), "mid_block/resnets_0/conv1")
+  assert np.unique(np.asarray(mid[..., 0])).size == 2
+  assert "kernel" in qm.qstate["down_blocks_1/resnets_0/conv1"].extra["shortcut"]   # 8 → 16 channels: 1×1
+
+
+def test_binarydm_training_with_low_rank_mimicking():
+  qm = run("binarydm", 1, 4, steps=5, feature_patterns=("conv_mid", "to_out_0|to_v"), lr_scales=1e-2)
+  info = qm.meta["distill"]
+  assert {"diffusion", "feature", "output"} <= set(info["history"][-1][1])
+  assert info["trained_leaves"]["weights"] > 0 and info["trained_leaves"]["binarizer"] > 0
+  st = qm.qstate["conv_mid"]
+  assert float(st.extra["shortcut"]["gamma"]) != 0.3                      # the shortcut scale learned
+  out = qm.apply(jnp.ones((2, 8, 8, 1)), jnp.full((2,), 300.0))
+  assert bool(jnp.all(jnp.isfinite(out)))
