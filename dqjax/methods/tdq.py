@@ -163,7 +163,7 @@ def train_tdq(qm, data: CalibData, *, objective: str = "quant_error", iters: int
     return jnp.mean((out_q - jax.lax.stop_gradient(out_fp)) ** 2)
 
   loss_fn = loss_quant_error if objective == "quant_error" else loss_output
-  opt = optax.adam(optax.cosine_decay_schedule(lr, iters))
+  opt = optax.adam(optax.cosine_decay_schedule(lr, max(iters, 1)))
   opt_state = opt.init(mlp_params)
 
   @jax.jit
