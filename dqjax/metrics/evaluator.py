@@ -1,12 +1,21 @@
 """The offline evaluator: a small digit classifier trained by dqjax on the MNIST-5k train split.
 
-It plays the role of the Inception network of the survey's metrics: its pooled features give FID and
-precision/recall, the first 7 channels of an intermediate spatial map give sFID (as ADM's mixed_6/conv),
-and its logits give IS and the conditional accuracy that stands in for the CLIP score."""
+It plays the role of the FID Inception network in the survey's metrics (ADM evaluator semantics):
+
+  pool     global-average-pooled last conv map (128-d), the analogue of Inception's pool_3: FID, P/R;
+  spatial  the first 7 channels of the penultimate-resolution map (8×8), flattened to 448-d, the analogue
+           of ADM's `mixed_6/conv[..., :7]` (17×17 of Inception's 17/8 pyramid): sFID;
+  logits   a linear head on `pool` (10 classes), as Inception's logits are linear in pool_3: IS and the
+           conditional accuracy that stands in for the CLIP score.
+
+Weights live in dqjax/zoo/weights/evaluator (trained by experiments/train_evaluator.py); reference
+statistics of the real train split are computed lazily, once per process.
+"""
 from __future__ import annotations
 
 import functools
 import os
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -15,6 +24,8 @@ import numpy as np
 
 WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "zoo", "weights", "evaluator")
 SPATIAL_CHANNELS = 7
+NUM_CLASSES = 10
+IMAGE_SHAPE = (32, 32, 1)
 
 
 class DigitClassifier(nn.Module):
@@ -38,30 +49,55 @@ class DigitClassifier(nn.Module):
     return {"pool": feat, "spatial": spatial[..., :SPATIAL_CHANNELS].reshape(x.shape[0], -1), "logits": logits}
 
 
-@functools.lru_cache(maxsize=1)
-def load_evaluator():
-  """A jitted `features(images [N,32,32,1] in [-1,1]) -> dict(pool, spatial, logits)` (numpy, batched)."""
-  from dqjax.zoo import io
-  params, _ = io.load_params(WEIGHTS)
-  model = DigitClassifier()
-  fwd = jax.jit(lambda x: model.apply({"params": params}, x))
+def _check_images(images: np.ndarray) -> np.ndarray:
+  images = np.asarray(images, np.float32)
+  if images.ndim != 4 or images.shape[1:] != IMAGE_SHAPE:
+    raise ValueError(f"images must be NHWC {('N',) + IMAGE_SHAPE} in [-1, 1]; got shape {images.shape}")
+  return images
 
-  def features(images, batch: int = 500):
-    images = np.asarray(images, np.float32)
-    outs = [jax.tree_util.tree_map(np.asarray, fwd(jnp.asarray(images[i:i + batch])))
-            for i in range(0, images.shape[0], batch)]
+
+@functools.lru_cache(maxsize=4)
+def load_evaluator(path: str = WEIGHTS, batch_size: int = 500) -> Callable[[np.ndarray], dict]:
+  """`features(images [N,32,32,1] in [-1,1]) -> {'pool': [N,128], 'spatial': [N,448], 'logits': [N,10]}`.
+
+  One jitted forward of a fixed batch shape (the last batch is zero-padded, so any N compiles once);
+  outputs are float32 numpy arrays."""
+  from dqjax.zoo import io
+  params, _ = io.load_params(path)
+  model = DigitClassifier()
+  fwd = jax.jit(lambda p, x: model.apply({"params": p}, x))
+  params = jax.device_put(params)
+
+  def features(images: np.ndarray) -> dict:
+    images = _check_images(images)
+    n = images.shape[0]
+    outs = []
+    for i in range(0, n, batch_size):
+      chunk = images[i:i + batch_size]
+      pad = batch_size - chunk.shape[0]
+      if pad:
+        chunk = np.concatenate([chunk, np.zeros((pad,) + IMAGE_SHAPE, np.float32)])
+      out = jax.device_get(fwd(params, chunk))
+      outs.append({k: np.asarray(v[:batch_size - pad]) for k, v in out.items()})
+    if not outs:
+      return {"pool": np.zeros((0, 128), np.float32),
+              "spatial": np.zeros((0, 64 * SPATIAL_CHANNELS), np.float32),
+              "logits": np.zeros((0, NUM_CLASSES), np.float32)}
     return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
 
   return features
 
 
-@functools.lru_cache(maxsize=1)
-def reference():
-  """Features of the real data: train split (FID/sFID statistics) and a fixed 1,000-image subset (P/R)."""
+@functools.lru_cache(maxsize=4)
+def reference(path: str = WEIGHTS) -> dict:
+  """Real-data reference of the metrics: FID/sFID statistics and pooled features (precision/recall) of the
+  whole MNIST-5k train split (4,500 digits), computed once per process (a few seconds).
+
+  Keys, named as in ADM's reference batches: mu, sigma (pool), mu_s, sigma_s (spatial), pool [4500, 128]."""
   from dqjax.data import mnist
   from dqjax.metrics.fid import statistics
-  x, y = mnist.load_mnist("train")
-  f = load_evaluator()(x)
-  sub = np.random.default_rng(0).choice(len(x), 1000, replace=False)
-  return {"pool_stats": statistics(f["pool"]), "spatial_stats": statistics(f["spatial"]),
-          "pool_subset": f["pool"][sub]}
+  x, _ = mnist.load_mnist("train")
+  f = load_evaluator(path)(x)
+  mu, sigma = statistics(f["pool"])
+  mu_s, sigma_s = statistics(f["spatial"])
+  return {"mu": mu, "sigma": sigma, "mu_s": mu_s, "sigma_s": sigma_s, "pool": f["pool"]}
