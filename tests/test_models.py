@@ -339,3 +339,24 @@ def test_load_sharded_index_and_file_errors(tmp_path, initialised):
     convert.load_diffusers(path)
   with pytest.raises(FileNotFoundError, match="config.json"):
     convert.load_diffusers(str(tmp_path / "nowhere"))
+
+
+def test_legacy_transformer2d_dit_config(tmp_path, initialised):
+  """DiT checkpoints saved as Transformer2DModel (e.g. facebook/DiT-XL-2-256) load as the DiT."""
+  _, params = initialised["dit"]
+  path = convert.export_diffusers(str(tmp_path / "dit"), DIT, params)
+  with open(os.path.join(path, "config.json")) as f:
+    c = json.load(f)
+  c.pop("interpolation_scale")
+  c.update(_class_name="Transformer2DModel", activation_fn="gelu-approximate", cross_attention_dim=None,
+           norm_type="ada_norm_zero", norm_elementwise_affine=False, num_vector_embeds=None, norm_num_groups=32,
+           only_cross_attention=False, use_linear_projection=False, upcast_attention=False, dropout=0.0)
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump(c, f)
+  model, params2, cfg = convert.load_diffusers(path)
+  assert cfg == DIT and isinstance(model, models.DiTTransformer2DModel)
+  c.update(norm_type="ada_norm", sample_size=256, patch_size=None)
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump(c, f)
+  with pytest.raises(ValueError, match="only DiT-style Transformer2DModel"):
+    convert.load_diffusers(path)

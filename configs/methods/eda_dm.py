@@ -21,7 +21,7 @@ def get_config():
   c.split_shortcut = True
   # FBR (paper: 5000 iters, batch 32, add_loss 0.8, QDrop p 0.5, lr_w / lr_a per dataset, e.g. LSUN W4A8
   # 1e-2 / 5e-3, CIFAR W4A8 5e-1 / 5e-4; no rounding regulariser)
-  c.iters = 200
+  c.iters = 100
   c.paper_iters = 5000
   c.fbr_lr_w = 1e-2
   c.fbr_lr_a = 1e-3
@@ -30,4 +30,5 @@ def get_config():
   c.fbr_input_prob = 0.5
   c.fbr_round_loss = False
   c.fbr_num_samples = 256
+  c.fbr_batch_size = 16             # paper 32
   return c

@@ -20,12 +20,13 @@ def get_config():
   c.keep_fp = ()                    # Q-Diffusion keeps nothing in float
   # BRECQ reconstruction (paper: iters_w 20000, batch 32, lambda 0.01, beta 20->2, warmup 0.2, Adam 1e-3;
   # activation steps: iters_a 5000, lr 4e-4, cosine, p 2.4)
-  c.iters_w = 200
-  c.iters_a = 100
+  c.iters_w = 100
+  c.iters_a = 50
   c.paper_iters_w = 20000
   c.paper_iters_a = 5000
   c.recon_w_lr_w = 1e-2             # larger than the paper's 1e-3 to make up for 100x fewer iterations
-  c.recon_w_batch_size = 32
+  c.recon_w_batch_size = 16          # paper 32; conv backprop dominates on CPU
+  c.recon_a_batch_size = 16
   c.recon_w_num_samples = 256
   c.recon_a_lr_a = 4e-4
   c.recon_a_num_samples = 256

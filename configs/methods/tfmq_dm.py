@@ -15,10 +15,11 @@ def get_config():
   c.act_init = "mse"
   # TIAR + BRECQ (paper: 20000 iters, batch 32, lambda 0.01, warmup 0.2)
   c.tiar = True
-  c.iters_w = 200
+  c.iters_w = 100
   c.paper_iters_w = 20000
   c.recon_w_lr_w = 1e-2
   c.recon_w_num_samples = 256
+  c.recon_w_batch_size = 16         # paper 32
   # FSC: per-timestep tables for the temporal path ('temporal', paper) or every activation ('all', code)
   c.fsc_scope = "temporal"
   c.fsc_method = "mse"              # only for fsc_scope='all' (the temporal path uses exact min/max)

@@ -8,6 +8,7 @@ clipping range, the quantization error (or a histogram) — so activations are n
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import jax
@@ -148,31 +149,39 @@ def _merge(kind):
   return lambda a, b: jax.tree_util.tree_map(jnp.add, a, b)
 
 
-def _run_pass(qm, data: CalibData, stat_fn, merge, batch_size: int, quantize: bool, per_step_base=None):
-  """One compiled pass over all steps and batches; returns stats with a leading step axis [S, ...]."""
+def _run_pass(qm, data: CalibData, kind: str, batch_size: int, quantize: bool, per_step_base=None,
+              opts: tuple = ()):
+  """One compiled pass over all steps and batches; returns stats with a leading step axis [S, ...].
+
+  The compiled function is cached across calls (model, plan, statistic kind and options are static
+  arguments), so a repeated calibration of the same model — a sweep over settings, a method that
+  calibrates several times — neither retraces nor recompiles."""
   s, n = data.xs.shape[:2]
   if n % batch_size:
     raise ValueError(f"batch_size={batch_size} must divide the calibration samples per step ({n})")
-  nb = n // batch_size
-  model, plan = qm.model, qm.plan
+  return _compiled_pass(qm.params, qm.qstate if quantize else {}, data.xs, jnp.asarray(data.ts, jnp.float32),
+                        data.conds, per_step_base, model=qm.model, plan=qm.plan, kind=kind, opts=tuple(opts),
+                        batch_size=batch_size, quantize=quantize)
 
-  def one_batch(params, qstate, x, t, c, base):
-    fn = stat_fn(base) if per_step_base is not None else stat_fn
+
+@functools.partial(jax.jit, static_argnames=("model", "plan", "kind", "opts", "batch_size", "quantize"))
+def _compiled_pass(params, qstate, xs, ts, conds, base, *, model, plan, kind, opts, batch_size, quantize):
+  nb = xs.shape[1] // batch_size
+  merge = _merge(kind)
+
+  def one_batch(x, t, c, base_s):
+    fn = _stat_fn_factory(plan, kind, base_s, **dict(opts))
     tb = jnp.full((x.shape[0],), t)
     return qapply.observe(model, plan, params, qstate, fn, x, tb, c, t=tb, stat_reduce=merge,
                           quantize=quantize)
 
-  def one_step(params, qstate, xs_s, t_s, c_s, base_s):
+  def one_step(xs_s, t_s, c_s, base_s):
     xb = xs_s.reshape((nb, batch_size) + xs_s.shape[1:])
     cb = None if c_s is None else c_s.reshape((nb, batch_size) + c_s.shape[1:])
-    per_batch = jax.lax.map(lambda a: one_batch(params, qstate, a[0], t_s, a[1], base_s), (xb, cb))
+    per_batch = jax.lax.map(lambda a: one_batch(a[0], t_s, a[1], base_s), (xb, cb))
     return _reduce_leading(per_batch, merge)
 
-  @jax.jit
-  def run(params, qstate, xs, ts, conds, base):
-    return jax.lax.map(lambda a: one_step(params, qstate, a[0], a[1], a[2], a[3]), (xs, ts, conds, base))
-
-  return run(qm.params, qm.qstate, data.xs, jnp.asarray(data.ts, jnp.float32), data.conds, per_step_base)
+  return jax.lax.map(lambda a: one_step(a[0], a[1], a[2], a[3]), (xs, ts, conds, base))
 
 
 def _reduce_leading(tree, merge):
@@ -213,7 +222,7 @@ def calibrate_activations(qm, data: CalibData, method: str = "minmax", *,
   n_entries = tables.num_entries(table, steps_t)
   index = jnp.asarray(tables.timestep_index(table, steps_t, qm.num_train_timesteps)) if n_entries > 1 else None
 
-  range_stats = _run_pass(qm, data, _stat_fn_factory(plan, "range"), _merge("range"), batch_size, quantize)
+  range_stats = _run_pass(qm, data, "range", batch_size, quantize)
   # Per-entry ranges (segment reduce over steps), then back to per-step for the second pass.
   seg = jnp.asarray(entry)
   entry_range = jax.tree_util.tree_map(lambda a: a, range_stats)
@@ -231,9 +240,8 @@ def calibrate_activations(qm, data: CalibData, method: str = "minmax", *,
     kind = "errors" if method in ("mse", "omse") else "hist"
     cands = num_candidates if method == "mse" else max(num_candidates, 200)
     p_eff = p if method == "mse" else 2.0
-    factory = lambda base: _stat_fn_factory(plan, kind, base, num_candidates=cands, p=p_eff,
-                                            num_bins=num_bins)
-    stats2 = _run_pass(qm, data, factory, _merge(kind), batch_size, quantize, per_step_base=base_steps)
+    opts = (("num_candidates", cands), ("p", p_eff), ("num_bins", num_bins))
+    stats2 = _run_pass(qm, data, kind, batch_size, quantize, per_step_base=base_steps, opts=opts)
     for path, by in stats2.items():
       final[path] = {}
       for name, v in by.items():
@@ -277,6 +285,5 @@ def activation_ranges(qm, data: CalibData, *, batch_size: Optional[int] = None):
 
   The statistic behind the survey's motivating plot (activation ranges drift over timesteps)."""
   data = data.validate()
-  stats = _run_pass(qm, data, _stat_fn_factory(qm.plan, "range"), _merge("range"),
-                    batch_size or data.num_samples, False)
+  stats = _run_pass(qm, data, "range", batch_size or data.num_samples, False)
   return {path: {name: (v[0], v[1]) for name, v in by.items()} for path, by in stats.items()}

@@ -176,11 +176,13 @@ def _per_step(fn):
 
 
 def regression_slope(eps_fp: Array, delta: Array) -> Array:
-  """[S]: slope k_t of the least-squares line Δ ≈ k ε_fp + c per step, pooled over samples and elements
-  (PTQD's linregress of flatten(Δ) on flatten(ε_fp))."""
+  """[S]: slope k_t of the least-squares fit Δ ≈ k ε_fp + c_channel per step, pooled over samples and
+  elements. PTQD fits one intercept (linregress of flatten(Δ) on flatten(ε_fp)); here each channel (last
+  axis) gets its own intercept, matching the per-channel bias the correction removes, so that a channel
+  offset of Δ cannot leak into k when channel means of ε differ. Same slope when they do not."""
   def one(e, d):
-    e, d = e.reshape(-1), d.reshape(-1)
-    ec, dc = e - e.mean(), d - d.mean()
+    axes = tuple(range(e.ndim - 1))
+    ec, dc = e - e.mean(axis=axes), d - d.mean(axis=axes)
     return jnp.sum(ec * dc) / jnp.maximum(jnp.sum(ec * ec), 1e-20)
   return _per_step(one)(eps_fp, delta)
 

@@ -180,19 +180,14 @@ class ReconConfig:
 
 
 def config_from(cfg: Any, prefix: str = "", base: ReconConfig = ReconConfig()) -> ReconConfig:
-  """A ReconConfig from the fields `<prefix><field>` of an ml_collections config (missing: `base`'s)."""
+  """A ReconConfig from the fields `<prefix><field>` of an ml_collections config or dict (missing: `base`'s)."""
   if cfg is None:
     return base
   changes = {}
   for f in dataclasses.fields(ReconConfig):
     key = prefix + f.name
-    try:
-      present = key in cfg
-    except TypeError:
-      present = hasattr(cfg, key)
-    if present:
-      v = cfg[key] if not hasattr(cfg, "get") or key in cfg else getattr(cfg, key)
-      changes[f.name] = tuple(v) if f.name == "b_range" else v
+    if key in cfg and cfg[key] is not None:
+      changes[f.name] = cfg[key]
   return base.replace(**changes)
 
 
@@ -347,9 +342,10 @@ def sub_plan(plan: Plan, prefix: str) -> Plan:
 
 
 def _subtree(params, rel: str):
+  """The parameters under `rel`; {} for a module that has none (an attention matmul, a concat)."""
   node = params
   for part in ([] if rel == "" else rel.split("/")):
-    node = node[part]
+    node = node.get(part, {})
   return node
 
 

@@ -71,6 +71,12 @@ def _float_forward(qm, params, stat_fn, x, t, c):
   return out, stats
 
 
+def float_apply(qm, x, t, cond=None):
+  """The QModel's own parameters in float, with its equivalent transforms applied (smoothing divisors,
+  rotations, low-rank branches) and nothing quantized: equals the float model when the transforms are exact."""
+  return _float_forward(qm, qm.params, lambda *a: None, x, t, cond)[0]
+
+
 def observe_inputs(qm, data: CalibData, paths: Sequence[str], fn: Callable[[jax.Array], Any], *,
                    batch_size: Optional[int] = None, samples_per_step: Optional[int] = None) -> dict:
   """`fn(x)` of the (transformed, float) input of every op in `paths`, for every calibration sample.

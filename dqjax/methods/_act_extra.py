@@ -60,7 +60,9 @@ def lookup(table: StepTable, t, x):
   e = v.shape[1:]
   if table.index is None or t is None or v.shape[0] == 1:
     return v[0].reshape((1,) + e + (1,) * (x.ndim - 1 - len(e)))
-  out = tables.lookup(v, table.index, t)
+  # (not tables.lookup: its per-example form expects activation qparams with a size-1 batch axis)
+  ti = jnp.clip(jnp.round(jnp.asarray(t)).astype(jnp.int32), 0, table.index.shape[0] - 1)
+  out = v[table.index[ti]]
   b = out.shape[0] if out.ndim > len(e) else 1
   return out.reshape((b,) + e + (1,) * (x.ndim - 1 - len(e)))
 

@@ -41,7 +41,7 @@ from dqjax.methods.q_diffusion import recon_blocks
 from dqjax.methods.recipe import Recipe, register
 
 FEATURE_MODULE = "mid_block/attentions_0"
-FBR = rc.ReconConfig(iters=200, batch_size=32, lr_w=1e-2, lr_a=1e-3, schedule_w="cosine", schedule_a="cosine",
+FBR = rc.ReconConfig(iters=100, batch_size=16, lr_w=1e-2, lr_a=1e-3, schedule_w="cosine", schedule_a="cosine",
                      round_loss=False, p=2.0, asym=True, qdrop_prob=0.5, input_prob=0.5, layer_loss=0.8,
                      num_samples=256)
 

@@ -39,9 +39,9 @@ from dqjax.methods import common
 from dqjax.methods._unet_ptq import rules_from_config, split_shortcuts_pass, with_data
 from dqjax.methods.recipe import Recipe, register
 
-WEIGHT_RECON = rc.ReconConfig(iters=200, batch_size=32, lr_w=1e-2, round_weight=0.01, p=2.0, asym=True,
+WEIGHT_RECON = rc.ReconConfig(iters=100, batch_size=16, lr_w=1e-2, round_weight=0.01, p=2.0, asym=True,
                               num_samples=256)
-ACT_RECON = rc.ReconConfig(iters=100, batch_size=32, lr_a=4e-4, schedule_a="cosine", p=2.4, asym=True,
+ACT_RECON = rc.ReconConfig(iters=50, batch_size=16, lr_a=4e-4, schedule_a="cosine", p=2.4, asym=True,
                            num_samples=256)
 
 

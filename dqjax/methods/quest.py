@@ -37,7 +37,6 @@ from dqjax.transform.rules import Rule
 
 NAME = "quest"
 ATTN_TRAIN = r".*/(to_q|ff/net_0/proj|ff/net_2)|.*(attn1|attentions_\d+)/(to_k|to_v)"
-NOT_EMB = r"(?!.*time_emb_proj$).*"
 
 
 def rules_fn(config):
@@ -78,7 +77,7 @@ def passes(config):
                              steps=int(_qat.get(config, "steps_attn", 200)))
     g2 = [distill.Group("attn_weights", float(_qat.get(config, "lr_attn", 1e-4)),
                         distill.any_of(distill.kernels(attn), distill.biases(attn))),
-          distill.Group("acts", float(_qat.get(config, "lr_act", 1e-4)), distill.act_params(NOT_EMB))]
+          distill.Group("acts", float(_qat.get(config, "lr_act", 1e-4)), distill.act_params(rf"(?!(?:{emb})$).*"))]
     qm = distill.distill(qm, c2, g2, pool=pool, desc=f"{NAME}/attn")
     meta = dict(qm.meta)
     meta["distill"] = {"emb": stage1, "attn": meta["distill"],

@@ -42,7 +42,7 @@ from dqjax.quant import tables
 TEMPORAL_OPS = r"(time_embedding/linear_\d+|.*time_emb_proj)"
 TEMPORAL_OUTPUTS = r".*time_emb_proj"
 KEEP_FP = (r".*conv_shortcut", r".*downsamplers_\d+/conv", r"conv_in", r"conv_out", r"time_embedding/linear_1")
-WEIGHT_RECON = rc.ReconConfig(iters=200, batch_size=32, lr_w=1e-2, round_weight=0.01, p=2.0, asym=True,
+WEIGHT_RECON = rc.ReconConfig(iters=100, batch_size=16, lr_w=1e-2, round_weight=0.01, p=2.0, asym=True,
                               num_samples=256)
 
 

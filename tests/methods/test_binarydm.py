@@ -40,7 +40,8 @@ def test_binarydm_multi_basis_levels_and_progressive_gates():
   at1 = qapply.get_kernel(hooks.extended_params(qm.plan, qm.params, qm.qstate, step=1), path)
   np.testing.assert_array_equal(np.asarray(at0), np.asarray(w))            # not yet binarized at step 0
   for c in range(3):
-    assert np.unique(np.asarray(at1[..., c])).size <= 4                    # α1·s1 + α2·s2: ≤ 4 levels
+    # α1·s1 + α2·s2: ≤ 4 levels (compared to 1e-6 relative: XLA may fuse the sum differently per element)
+    assert np.unique(np.round(np.asarray(at1[..., c]) / np.abs(at1[..., c]).max(), 6)).size <= 4
   mid = qapply.get_kernel(hooks.extended_params(qm.plan, qm.params, qm.qstate), "mid_block/resnets_0/conv1")
   assert np.unique(np.asarray(mid[..., 0])).size == 2
   assert "kernel" in qm.qstate["down_blocks_1/resnets_0/conv1"].extra["shortcut"]   # 8 → 16 channels: 1×1

@@ -25,5 +25,8 @@ def test_intlora_merge_stays_on_the_integer_grid():
   st = qm.qstate["to_q"]
   qs = {**qm.qstate, "to_q": st.replace(extra={**st.extra, "intlora": start})}
   w0 = np.asarray(qapply.get_kernel(hooks.extended_params(qm.plan, qm.params, qs), "to_q"))
-  assert np.abs(w0 - w).max() < 0.1 * np.abs(w).max()
+  # (relative Frobenius error: the quantized multiplicative scale clips the few elements where W_int − z is
+  # near 0, as in the paper's MUL variant, so a max-error bound would test the outliers, not the separation)
+  rel = np.linalg.norm(w0 - w) / np.linalg.norm(w)
+  assert rel < 0.15
   assert np.abs(np.asarray(ex["r"])).max() > 0
