@@ -1,0 +1,53 @@
+r"""Default performance benchmark (≤ 15 minutes of CPU on 2 cores; wall time grows with the machine's load).
+
+  python -m experiments.perf --config=configs/perf/default.py
+  python -m experiments.perf --config=configs/perf/default.py --check     # regression guard (by hand)
+"""
+import ml_collections
+
+from dqjax.benchmark.perf import SAMPLING_MODES
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+  c.config_path = "configs/perf/default.py"
+  c.out_dir = "docs/results"
+  c.ratio_file = "docs/results/perf/ratios.json"
+  c.tolerance = 0.35                 # relative; timings on a shared 2-core machine are noisy
+  c.benchmarks = ("calibration", "reconstruction", "sampling", "memory", "scaling", "sharding")
+  c.repeats = 3
+  c.seed = 0
+  c.notes = ()
+  c.optimisations = ()
+  # calibration: compiled (all layers × steps) vs eager (a fraction, extrapolated linearly)
+  c.calib_models = ("ddpm-mnist", "ldm-mnist", "dit-mnist", "sd-mnist")
+  c.calib_samples = 16               # per step (CFG models see 2× this)
+  c.calib_steps = 10                 # uniformly selected sampler steps (None: all)
+  c.num_candidates = 100             # shrink-grid candidates (Q-Diffusion / LAPQ: 100)
+  c.eager_steps = 1                  # steps done by the eager activation search (time × steps/eager_steps)
+  c.eager_channel_fraction = 0.02    # share of weight channels searched eagerly (time extrapolated)
+  c.eager_disable_jit = True
+  # reconstruction (BRECQ / AdaRound) iterations per second
+  c.recon_models = ("ldm-mnist", "dit-mnist")
+  c.recon_phases = ("weights", "acts")
+  c.recon_iters = 100
+  c.recon_blocks = 2
+  c.recon_batch = 32
+  c.recon_steps = 4
+  # sampling and memory
+  c.sample_models = ("ddpm-mnist", "ldm-mnist", "ldm-mnist-cond", "dit-mnist", "sd-mnist")
+  c.sample_modes = SAMPLING_MODES
+  c.sample_batch = 16
+  # scaling
+  c.scale_model = "ldm-mnist"
+  c.scale_samples = (8, 16, 32, 64)
+  c.scale_steps = 4
+  c.scale_widths = (16, 32, 64, 96)
+  c.scale_width_samples = 16
+  c.scale_repeats = 2
+  # sharding (subprocess with fake CPU devices)
+  c.shard_model = "ldm-mnist"
+  c.shard_samples = 16
+  c.shard_devices = 8
+  c.shard_timeout = 1800
+  return c
