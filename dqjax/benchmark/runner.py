@@ -201,7 +201,8 @@ def _f(v):
 
 
 def rows_for(suite: SuiteConfig, family: str) -> list[tuple[str, str]]:
-  """(method, setting) pairs of a model family: FP once, then every requested method × setting."""
+  """(method, setting) pairs of a model family: FP once, then every requested method × setting (or the
+  method's own settings, when it accepts only those)."""
   methods = []
   for m in suite.methods:
     if m == "all":
@@ -211,7 +212,8 @@ def rows_for(suite: SuiteConfig, family: str) -> list[tuple[str, str]]:
   # Baselines first, so that a partial (interrupted) run already has the rows every method is compared to.
   order = {m: i for i, m in enumerate(methods)}
   methods = sorted(methods, key=lambda m: (m not in BASELINES, order[m]))
-  return [(FP_METHOD, "FP")] + [(m, s) for m in methods for s in suite.settings]
+  # A method that accepts only its own settings (BiDM: W1A1) runs there instead of the suite's settings.
+  return [(FP_METHOD, "FP")] + [(m, s) for m in methods for s in (recipe_lib.get(m).settings or suite.settings)]
 
 
 def row_path(workdir: str, model: str, method: str, setting: str) -> str:

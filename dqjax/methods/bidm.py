@@ -79,7 +79,7 @@ def passes(config):
 
 
 @register(NAME, family="unet_qat/ultra_low_bit", model_families=("unet", "unet_text"),
-          paper="BiDM (arXiv 2412.05926)")
+          paper="BiDM (arXiv 2412.05926)", settings=("W1A1",))
 def bidm(config=None) -> Recipe:
   return Recipe(NAME, "unet_qat/ultra_low_bit", rules_fn(config), passes(config),
                 "W1A1: XNOR weights, learnable-threshold binary activations with K maps, space-patched distillation")

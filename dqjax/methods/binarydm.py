@@ -107,7 +107,7 @@ def passes(config):
 
 
 @register(NAME, family="unet_qat/ultra_low_bit", model_families=("unet", "unet_text"),
-          paper="BinaryDM (arXiv 2404.05662)")
+          paper="BinaryDM (arXiv 2404.05662)", settings=("W1A8", "W1A4"))
 def binarydm(config=None) -> Recipe:
   return Recipe(NAME, "unet_qat/ultra_low_bit", rules_fn(config), passes(config),
                 "learnable multi-basis binarizer + low-rank representation mimicking, progressive binarization")

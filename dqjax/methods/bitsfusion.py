@@ -20,6 +20,7 @@ per-tensor MSE quantizers that stay frozen (the paper is weight-only: run it at 
 """
 from __future__ import annotations
 
+
 import math
 
 import jax
@@ -103,10 +104,10 @@ def allocate(sens: dict, sizes: dict, candidates, target: float) -> dict:
 
 def passes(config):
   def run(qm, data):
-    target = float(qm.meta.get("w_bits", 2))
-    target = float(_qat.get(config, "target_bits", target))
+    target = _qat.get(config, "target_bits", None)        # None: the setting's weight bits
+    target = float(qm.meta.get("w_bits", 2) if target is None else target)
     candidates = tuple(int(b) for b in _qat.get(config, "candidates", (1, 2, 3, 4)))
-    base = _qat.distill_config(config, pool_size=64, batch_size=8)
+    base = distill.config_from(config, distill.DistillConfig(pool_size=64, batch_size=8), feature_weight=0.0)
     pool, cdata = _qat.trajectories(qm, data, base.pool_size, base.seed)
     sens = sensitivities(qm, cdata, candidates, num_samples=int(_qat.get(config, "sensitivity_samples", 8)))
     sizes = {op.path: op.info.weight_params for op in qm.plan.ops if op.weight is not None}
@@ -133,8 +134,9 @@ def passes(config):
                              else distill.DIT_BLOCK_OUTPUTS, steps=int(_qat.get(config, "steps_stage1", 200)))
     qm = distill.distill(qm, c1, groups, pool=pool, step_weights=w, desc=f"{NAME}/I")
     stage1 = qm.meta["distill"]
-    c2 = _qat.distill_config(config, pool_size=base.pool_size, batch_size=base.batch_size, order="forward",
-                             output_weight=0.0, diffusion_weight=1.0, steps=int(_qat.get(config, "steps_stage2", 100)))
+    # stage II: the noise-prediction loss alone (the config's feature_weight belongs to stage I)
+    c2 = distill.config_from(config, base, order="forward", output_weight=0.0, diffusion_weight=1.0,
+                             feature_weight=0.0, steps=int(_qat.get(config, "steps_stage2", 100)))
     qm = distill.distill(qm, c2, groups, pool=pool, desc=f"{NAME}/II")
     meta = dict(qm.meta)
     meta["distill"] = {"stage1": stage1, "stage2": meta["distill"],
@@ -145,7 +147,7 @@ def passes(config):
 
 
 @register(NAME, family="unet_qat/ultra_low_bit", model_families=("unet", "unet_text", "dit"),
-          paper="BitsFusion (arXiv 2406.04333)")
+          paper="BitsFusion (arXiv 2406.04333)", settings=("W2A16", "W3A16"))
 def bitsfusion(config=None) -> Recipe:
   return Recipe(NAME, "unet_qat/ultra_low_bit", rules_fn(config), passes(config),
                 "sensitivity-driven mixed-precision ~2-bit weights + two-stage distillation")

@@ -171,19 +171,22 @@ class MethodEntry:
   builder: Callable[..., Recipe]    # builder(config: ml_collections.ConfigDict | None) -> Recipe
   model_families: tuple[str, ...]   # which zoo model families it applies to: 'unet', 'dit', 'unet_text'
   paper: str = ""
+  settings: tuple[str, ...] = ()    # the only bit settings it accepts (e.g. BiDM: W1A1); () = any
 
 
 _REGISTRY: dict[str, MethodEntry] = {}
 
 
 def register(name: str, *, family: str, model_families: Sequence[str] = ("unet", "dit", "unet_text"),
-             paper: str = "") -> Callable:
-  """Decorator registering a recipe builder under `name`."""
+             paper: str = "", settings: Sequence[str] = ()) -> Callable:
+  """Decorator registering a recipe builder under `name`. `settings` lists the bit settings of a method
+  that accepts only those (the ultra-low-bit family); the benchmark runs it there instead of the suite's."""
 
   def deco(builder):
     if name in _REGISTRY:
       raise ValueError(f"method {name!r} is registered twice")
-    _REGISTRY[name] = MethodEntry(name, family, builder, tuple(model_families), paper)
+    _REGISTRY[name] = MethodEntry(name, family, builder, tuple(model_families), paper,
+                                  tuple(str(x).upper() for x in settings))
     return builder
 
   return deco
