@@ -16,7 +16,8 @@ the recipe follows the paper's description (abstract and summaries):
 Deviations: the "balance integer" (an extra level making low-bit grids symmetric) and the alternating
 scale optimisation are replaced by asymmetric per-channel grids with MSE-searched steps; data-free
 (x₀ from the FP samples for stage II); CPU-sized training. At settings with A < 16 the activations get
-per-tensor MSE quantizers that stay frozen (the paper is weight-only: run it at 'W2A32' for its setting).
+per-tensor MSE quantizers that stay frozen (the paper is weight-only: the bench runs it at 'W2A16' and
+'W3A16', where A16 means float activations).
 """
 from __future__ import annotations
 

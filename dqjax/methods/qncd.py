@@ -133,7 +133,7 @@ def _eps_of(qm) -> float:
   return float(getattr(getattr(qm.model, "config", None), "norm_eps", 1e-5))
 
 
-def renoise_means(qm, *, num_samples: int, seed: int, denoise_q=None) -> np.ndarray:
+def renoise_means(qm, *, num_samples: int, seed: int, denoise_q=None) -> tuple[np.ndarray, np.ndarray]:
   """[S]: μ_q of every call from re-noising the quantized trajectory's next state back to the call's t
   (NaN where the next state has the same noise level, e.g. PLMS's repeated timestep)."""
   env = ns._require_env(qm)
