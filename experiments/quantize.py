@@ -67,7 +67,8 @@ def main(argv):
              model_family=entry.family, num_train_timesteps=entry.num_train_timesteps, env=entry.env())
     checkpoint.save(ckpt, qm.plan, qm.params, qm.qstate,
                     corrections={c.name: c.state for c in qm.corrections},
-                    metadata={"model": _MODEL.value, "method": _METHOD.value, "setting": _SETTING.value.upper()})
+                    metadata={"model": _MODEL.value, "method": _METHOD.value, "setting": _SETTING.value.upper(),
+                              "forward": recipe_lib.forward_kind(qm), "hi_act_bits": qm.meta.get("hi_act_bits")})
   quant_seconds = time.perf_counter() - start
   images, traj = runner.sample_images(entry, qm.denoiser(), run.noise, run.conds, jax.random.key(_SEED.value + 1),
                                       correction=qm.correction, batch_size=suite.batch_size, trajectory=True)
@@ -97,8 +98,10 @@ def _restore(ckpt, entry, w_bits, a_bits):
   except (ValueError, FileNotFoundError) as e:
     print(f"not reusing {ckpt}: {e}")
     return None
-  return recipe_lib.QModel(entry.model, saved["plan"], saved["params"], saved["qstate"], entry.params,
-                           entry.num_train_timesteps, corrections, saved["metadata"], entry.env())
+  meta = {k: v for k, v in saved["metadata"].items() if v is not None}
+  qm = recipe_lib.QModel(entry.model, saved["plan"], saved["params"], saved["qstate"], entry.params,
+                         entry.num_train_timesteps, corrections, meta, entry.env())
+  return recipe_lib.with_forward(qm, meta.get("forward", "QModel"))   # the method's own quantized forward
 
 
 if __name__ == "__main__":

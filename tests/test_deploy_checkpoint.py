@@ -110,3 +110,21 @@ def test_sharded_calibration_equals_single_device():
     results.append(qm.qstate)
   for la, lb in zip(jax.tree_util.tree_leaves(results[0]), jax.tree_util.tree_leaves(results[1])):
     np.testing.assert_allclose(la, lb, rtol=1e-6)
+
+
+def test_checkpoint_keeps_the_quantized_forward_kind(tmp_path):
+  """A QAT / activation-extras model restored from a checkpoint runs its own forward, not the core's."""
+  from dqjax.methods._act_extra import ExtQModel, as_ext
+  from dqjax.transform import hooks
+  qm, x, t = _qm(8, 8)
+  for wrap, cls in ((hooks.as_qat_model, hooks.QATModel), (as_ext, ExtQModel), (lambda m: m, recipe.QModel)):
+    q = wrap(qm)
+    path = checkpoint.save(str(tmp_path / cls.__name__), q.plan, q.params, q.qstate,
+                           metadata={"forward": recipe.forward_kind(q)})
+    saved = checkpoint.restore(path)
+    back = recipe.with_forward(qm.replace(params=saved["params"], qstate=saved["qstate"]),
+                               saved["metadata"]["forward"])
+    assert type(back) is cls
+    np.testing.assert_array_equal(np.asarray(back.apply(x, t)), np.asarray(q.apply(x, t)))
+  with pytest.raises(ValueError, match="forward='Bogus'.*accepted values"):
+    recipe.with_forward(qm, "Bogus")

@@ -164,6 +164,33 @@ class Recipe:
     return self.passes(qm, data)
 
 
+FORWARD_KINDS = ("QModel", "ExtQModel", "QATModel")
+
+
+def forward_kind(qm: QModel) -> str:
+  """Which quantized forward a QModel runs: the core's ('QModel'), the activation-extras one of the
+  correction/text methods ('ExtQModel') or the extended QAT one ('QATModel'). Saved with checkpoints so
+  that a restored model quantizes the same way."""
+  kind = type(qm).__name__
+  if kind not in FORWARD_KINDS:
+    raise ValueError(f"forward_kind: {kind!r} is not a known QModel forward; accepted: {', '.join(FORWARD_KINDS)}")
+  return kind
+
+
+def with_forward(qm: QModel, kind: str) -> QModel:
+  """`qm` (a restored plain QModel) with the forward named by `forward_kind`."""
+  if kind == "QModel":
+    return qm
+  if kind == "ExtQModel":
+    from dqjax.methods._act_extra import as_ext
+    return as_ext(qm)
+  if kind == "QATModel":
+    from dqjax.transform.hooks import as_qat_model
+    return as_qat_model(qm)
+  raise ValueError(f"checkpoint metadata field forward={kind!r} is unknown; accepted values: "
+                   f"{', '.join(FORWARD_KINDS)}")
+
+
 @dataclasses.dataclass(frozen=True)
 class MethodEntry:
   name: str
