@@ -23,8 +23,10 @@ COLUMNS = (
     ("Cond. acc ↑", "cond_acc", "{:.3f}"),
     ("PSNR vs FP ↑", "psnr", "{:.2f}"),
     ("SSIM vs FP ↑", "ssim", "{:.3f}"),
+    ("Quant. time (s)", "quant_seconds", "{:.0f}"),   # calibration / training wall time of the method
 )
-SETTING_ORDER = {"FP": 0, "W8A8": 1, "W4A8": 2, "W4A4": 3}
+SETTING_ORDER = {"FP": 0, "W8A8": 1, "W4A8": 2, "W4A4": 3, "W3A16": 4, "W2A16": 5, "W1A8": 6, "W1A4": 7,
+                 "W1A1": 8}
 
 
 def _fmt(fmt, v):
