@@ -5,6 +5,8 @@ survey-style tables, image grids and per-row metrics into a run directory (resum
   python -m experiments.bench --config=configs/bench/survey.py --workdir=runs/survey
   python -m experiments.bench --config=configs/bench/quick.py --config.methods='("minmax","mse")' \
       --config.settings='("W4A8",)' --workdir=runs/mine
+  python -m experiments.bench --config=configs/bench/survey.py --workdir=runs/survey --report_only
+      # tables of the rows finished so far (e.g. by several invocations into one workdir); runs nothing
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from dqjax.benchmark import report, runner
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/bench/quick.py", "bench suite config")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/quick", "run directory (resumes if it exists)")
+_REPORT_ONLY = flags.DEFINE_bool("report_only", False, "write the tables of the suite's finished rows; run nothing")
 
 
 def main(argv):
@@ -28,10 +31,11 @@ def main(argv):
   suite = runner.suite_from_config(cfg)          # validates every field before heavy work
   workdir = _WORKDIR.value
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(cfg.to_json_best_effort(indent=1))
+  if not _REPORT_ONLY.value:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(cfg.to_json_best_effort(indent=1))
   start = time.perf_counter()
-  rows = runner.run_suite(suite, workdir)
+  rows = runner.run_suite(suite, workdir, run_missing=not _REPORT_ONLY.value)
   wall = time.perf_counter() - start
   header = (f"# {cfg.get('title', 'dqjax benchmark')}\n\nMachine: {platform.machine()}, "
             f"{os.cpu_count()} CPU cores; date {time.strftime('%Y-%m-%d')}; wall time of this invocation "

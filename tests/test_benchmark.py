@@ -46,6 +46,12 @@ def test_tiny_suite_end_to_end_and_resume(tmp_path):
   again = runner.run_suite(suite, str(tmp_path))                 # resumes: nothing recomputed
   assert os.path.getmtime(runner.row_path(str(tmp_path), "ldm-mnist", "minmax", "W8A8")) == mtime
   assert [r["fid"] for r in again] == [r["fid"] for r in rows]
+  # report-only: a suite with one more setting returns the finished rows and runs nothing
+  wider = runner.suite_from_config(_cfg(methods=("minmax",), settings=("W8A8", "W4A8"), num_samples=16,
+                                         batch_size=16, calib_samples=8, calib_steps=2))
+  done = runner.run_suite(wider, str(tmp_path), run_missing=False)
+  assert [(r["method"], r["setting"]) for r in done] == [("fp", "FP"), ("minmax", "W8A8")]
+  assert not os.path.exists(runner.row_path(str(tmp_path), "ldm-mnist", "minmax", "W4A8"))
   md = report.markdown_table(rows)
   assert "| minmax | W8A8 |" in md and "FID ↓" in md
   assert report.csv_table(rows).splitlines()[0].startswith("model,family,method,setting")

@@ -220,8 +220,9 @@ def row_path(workdir: str, model: str, method: str, setting: str) -> str:
   return os.path.join(workdir, "rows", f"{model}__{method}__{setting}.json")
 
 
-def run_suite(suite: SuiteConfig, workdir: str) -> list[dict]:
-  """Run every row not already in `workdir` and return all rows (done before + now)."""
+def run_suite(suite: SuiteConfig, workdir: str, *, run_missing: bool = True) -> list[dict]:
+  """Run every row not already in `workdir` and return all rows (done before + now). With
+  run_missing=False nothing runs: the rows already in `workdir` are returned."""
   from dqjax.benchmark import report
   from dqjax import zoo
   os.makedirs(os.path.join(workdir, "rows"), exist_ok=True)
@@ -234,6 +235,8 @@ def run_suite(suite: SuiteConfig, workdir: str) -> list[dict]:
     if os.path.exists(path):
       with open(path) as f:
         all_rows.append(json.load(f))
+      continue
+    if not run_missing:
       continue
     bar.set_postfix_str(f"{model} {method} {setting}")
     if model not in runs:

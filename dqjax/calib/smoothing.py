@@ -334,6 +334,7 @@ def fold_into_modulation(qm, consumers: Sequence[str], mod_path: str, shift_chun
   if b is None:
     raise ValueError(f"fold_into_modulation: {mod_path!r} has no bias (the scale fold needs one)")
   sh, sc = slice(shift_chunk * d, (shift_chunk + 1) * d), slice(scale_chunk * d, (scale_chunk + 1) * d)
+  k, b = jnp.asarray(k), jnp.asarray(b)          # zoo parameters load as numpy arrays
   k = k.at[..., sh].divide(lam).at[..., sc].divide(lam)
   b = b.at[sh].divide(lam).at[sc].set((b[sc] + 1.0 - lam) / lam)
   params = _set_many(qm.params, {f"{mod_path}/kernel": k, f"{mod_path}/bias": b})

@@ -1,5 +1,6 @@
 """PTQ4DiT: CSB balances saliences, SSC weights complementary samples, the re-parameterization is exact and
 balancing lowers the quantization error of outlier activations."""
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -25,6 +26,7 @@ def test_ssc_moves_balance_toward_complementary_samples():
 
 def test_reparam_is_exact_and_balancing_reduces_error():
   model, params, ex = tiny_dit()
+  params = jax.tree_util.tree_map(np.asarray, params)      # as the zoo loads them: numpy leaves
   data = calib()
   plain = recipe.prepare(model, params, recipe.build("ptq4dit").rules(8, 8, "dit"), ex, warn_unused=False)
   folded = csb_ssc_pass()(plain, data)
