@@ -19,7 +19,13 @@ def get_config():
   c.repeats = 2
   c.seed = 0
   c.notes = ()
-  c.optimisations = ()
+  c.optimisations = (               # what the numbers led to (listed in the report)
+      'calibration passes are one compiled function per (model, plan, statistic, options), cached across calls: a sweep over settings or a method that calibrates several times neither retraces nor recompiles (dqjax/calib/calibrate.py `_compiled_pass`)',
+      'every step and batch of a calibration pass runs inside that one compiled function (lax.map over steps and batches): no host round-trip per layer, step or candidate',
+      'timestep tables are looked up inside the compiled sampler (one trace for all steps)',
+      'Fréchet distance through symmetric eigenvalue problems instead of scipy sqrtm: sFID 20 s → 3 s per bench row at 1792 dims, same value to 1e-7',
+      'test suite on both cores with pytest-xdist: 31 min → 9 min 41 s',
+  )
   # calibration: compiled (all layers × steps) vs eager (a fraction, extrapolated linearly)
   c.calib_models = ("ldm-mnist", "dit-mnist")
   c.calib_samples = 8                # per step (CFG models see 2× this)
