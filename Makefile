@@ -22,7 +22,7 @@ survey: $(STAMP)
 	$(PY) -m experiments.bench --config=configs/bench/survey.py --workdir=runs/survey
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --durations=15 tests
+	$(PY) -m pytest -q -n 2 --dist worksteal --durations=15 tests
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -2,6 +2,7 @@ r"""Error-analysis plots for a benchmark run: activation ranges over timesteps (
 quantization), per-step error trajectories, FP-vs-method image grids, per-layer sensitivity.
 
   python -m experiments.analyze --bench_dir=runs/quick --model=ldm-mnist --setting=W4A8 --out=runs/analysis
+  python -m experiments.analyze --bench_dir=runs/quick --setting=W4A16 --step_error_methods=minmax,mse
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
+from dqjax import compile_cache
 from dqjax.analysis import errors
 from dqjax.benchmark import runner
 from dqjax.methods import recipe as recipe_lib
@@ -22,17 +24,21 @@ _BENCH = flags.DEFINE_string("bench_dir", "runs/quick", "a bench run directory (
 _MODEL = flags.DEFINE_string("model", "ldm-mnist", "zoo model")
 _SETTING = flags.DEFINE_string("setting", "W4A8", "bit setting for trajectories, grids and sensitivity")
 _METHOD = flags.DEFINE_string("method", "minmax", "method whose calibrated model the sensitivity table uses")
+_STEP_METHODS = flags.DEFINE_list("step_error_methods", [], "methods whose per-step ε error and shared-error "
+                                  "share are tabulated side by side (e.g. minmax,mse)")
 _LAYERS = flags.DEFINE_integer("num_layers", 6, "layers shown in the activation-range plot")
 _OUT = flags.DEFINE_string("out", "runs/analysis", "output directory")
 
 
 def main(argv):
   del argv
+  compile_cache.enable()
   from dqjax import zoo
   if _MODEL.value not in zoo.NAMES:
     raise app.UsageError(f"--model={_MODEL.value!r}; accepted values: {', '.join(zoo.NAMES)}")
   parse_bits(_SETTING.value)
-  recipe_lib.get(_METHOD.value)
+  for name in [_METHOD.value] + _STEP_METHODS.value:
+    recipe_lib.get(name)                                  # clear error for an unknown method, before any work
   os.makedirs(_OUT.value, exist_ok=True)
   rows = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(_BENCH.value, "rows", "*.json")))]
   if not rows:
@@ -56,6 +62,15 @@ def main(argv):
   qm = recipe_lib.build(_METHOD.value, runner.method_config(_METHOD.value))(
       entry.model, entry.params, entry.example_args(2), calib, w_bits=w, a_bits=a, model_family=entry.family,
       num_train_timesteps=entry.num_train_timesteps, env=entry.env())
+  if _STEP_METHODS.value:
+    profiles = {name: errors.step_error_profile(qm if name == _METHOD.value else recipe_lib.build(
+        name, runner.method_config(name))(entry.model, entry.params, entry.example_args(2), calib, w_bits=w,
+                                          a_bits=a, model_family=entry.family, env=entry.env(),
+                                          num_train_timesteps=entry.num_train_timesteps), calib)
+                for name in _STEP_METHODS.value}
+    with open(os.path.join(_OUT.value, f"{model}_{setting}_step_errors.md"), "w") as f:
+      f.write(f"# One-step ε error per timestep: {model}, {setting}\n\n{errors.step_error_table(profiles)}\n")
+    outputs.append(f.name)
   ranges = errors.activation_ranges_over_time(qm, calib)
   spread = sorted(ranges, key=lambda p: -float(np.ptp(ranges[p][2])))[:_LAYERS.value]
   outputs.append(errors.plot_activation_ranges({p: ranges[p] for p in spread},

@@ -18,6 +18,7 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
+from dqjax import compile_cache
 from dqjax.benchmark import report, runner
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/bench/quick.py", "bench suite config")
@@ -25,8 +26,19 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/quick", "run directory (resumes 
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "write the tables of the suite's finished rows; run nothing")
 
 
+def _row_time_note(rows) -> str:
+  """The suite's cost from the rows themselves (each records its own time), whatever invocation ran them."""
+  timed = [r["row_seconds"] for r in rows if "row_seconds" in r]
+  if not timed:
+    return ""
+  untimed = len(rows) - len(timed)
+  return (f"; the {len(timed)} timed rows took {sum(timed) / 60:.1f} min in all" +
+          (f" ({untimed} older rows carry no time)" if untimed else ""))
+
+
 def main(argv):
   del argv
+  compile_cache.enable()
   cfg = _CONFIG.value
   suite = runner.suite_from_config(cfg)          # validates every field before heavy work
   workdir = _WORKDIR.value
@@ -39,7 +51,7 @@ def main(argv):
   wall = time.perf_counter() - start
   header = (f"# {cfg.get('title', 'dqjax benchmark')}\n\nMachine: {platform.machine()}, "
             f"{os.cpu_count()} CPU cores; date {time.strftime('%Y-%m-%d')}; wall time of this invocation "
-            f"{wall:.0f} s (rows resumed from an earlier run are not re-timed).")
+            f"{wall:.0f} s (rows resumed from an earlier run are not re-timed)" + _row_time_note(rows) + ".")
   paths = report.write_reports(rows, workdir, header=header)
   with open(os.path.join(workdir, "metrics.json"), "w") as f:
     json.dump({"rows": rows, "wall_seconds": wall}, f, indent=1)

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from dqjax import checkpoint, metrics, zoo
+from dqjax import checkpoint, compile_cache, metrics, zoo
 from dqjax.benchmark import costs, report, runner
 from dqjax.methods import recipe as recipe_lib
 from dqjax.quant.spec import parse_bits
@@ -33,6 +33,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (default runs/qua
 
 def main(argv):
   del argv
+  compile_cache.enable()
   if _MODEL.value not in zoo.NAMES:
     raise app.UsageError(f"--model={_MODEL.value!r}; accepted values: {', '.join(zoo.NAMES)}")
   entry_method = recipe_lib.get(_METHOD.value)          # clear error for an unknown method

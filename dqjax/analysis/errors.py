@@ -90,6 +90,36 @@ def layer_sensitivity(qm, data: CalibData, *, max_layers: Optional[int] = None) 
   return sorted(results, key=lambda r: -r[1])
 
 
+def step_error_profile(qm, data: CalibData) -> list[dict]:
+  """Per calibration step: the relative ε error ‖ε_q − ε_fp‖² / ‖ε_fp‖², and the *shared* share of it — the
+  energy of the batch-mean error over the error's energy. Shared error does not average out across samples
+  and pushes every trajectory the same way (what PTQD / D²-DPM fit); weight-space MSE does not see it."""
+  run = jax.jit(lambda x, t, c: (qm.model.apply({"params": qm.fp_params}, x, t, c), qm.apply(x, t, c)))
+  out = []
+  for i in range(data.num_steps):
+    x, c = data.xs[i], None if data.conds is None else jax.tree_util.tree_map(lambda a: a[i], data.conds)
+    fp, q = run(x, jnp.full((x.shape[0],), data.ts[i]), c)
+    d = q - fp
+    err = float(jnp.mean(d ** 2))
+    out.append({"t": float(data.ts[i]), "rel_error": err / float(jnp.mean(fp ** 2)),
+                "shared_share": float(jnp.mean(jnp.mean(d, axis=0) ** 2)) / max(err, 1e-30)})
+  return out
+
+
+def step_error_table(profiles: dict) -> str:
+  """Markdown: one row per step, relative ε error and shared share for each method; means last."""
+  names = list(profiles)
+  head = "| t | " + " | ".join(f"{n}: rel. ε error | {n}: shared share" for n in names) + " |"
+  lines = [head, "|---|" + "---|---|" * len(names)]
+  for i, step in enumerate(profiles[names[0]]):
+    cells = [f"{profiles[n][i]['rel_error']:.4f} | {profiles[n][i]['shared_share']:.2f}" for n in names]
+    lines.append(f"| {step['t']:.0f} | " + " | ".join(cells) + " |")
+  means = [f"{np.mean([s['rel_error'] for s in profiles[n]]):.4f} | "
+           f"{np.mean([s['shared_share'] for s in profiles[n]]):.2f}" for n in names]
+  lines.append("| mean | " + " | ".join(means) + " |")
+  return "\n".join(lines)
+
+
 def _float(op):
   import dataclasses
   return dataclasses.replace(op, weight=None, acts=())

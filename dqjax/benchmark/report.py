@@ -69,7 +69,7 @@ def markdown_table(rows: Sequence[dict], *, title: str = "") -> str:
 
 def csv_table(rows: Sequence[dict]) -> str:
   keys = ["model", "family", "method", "setting", "w_bits", "a_bits"] + [c[1] for c in COLUMNS[2:]] + [
-      "quant_seconds", "num_samples"]
+      "quant_seconds", "row_seconds", "num_samples"]
   buf = io.StringIO()
   w = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
   w.writeheader()

@@ -192,6 +192,7 @@ def run_row(run: ModelRun, method: str, setting: str, suite: SuiteConfig) -> dic
          "quant_seconds": quant_seconds, "num_samples": int(images.shape[0])}
   row.update(costs.row_costs(entry, plan))
   row["family"] = "FP" if method == FP_METHOD else recipe_lib.get(method).family
+  row["row_seconds"] = time.perf_counter() - start   # quantization + sampling + metrics of this row
   return row, images
 
 

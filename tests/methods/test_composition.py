@@ -19,6 +19,10 @@ def test_qdiffusion_then_tdq_tables_then_ptqd_correction():
   data = cn.fp_calib(env, model, params, n=8)
   qd = qd_cfg_mod.get_config()
   qd.iters_w, qd.iters_a = 4, 4
+  # the mechanism at a fraction of the compile time: two reconstructed blocks, a small calibration set
+  qd.recon_only = "resnets_0|conv_out"
+  qd.calib_n, qd.calib_steps = 4, 2
+  qd.weight_init = qd.act_init = "minmax"
   td = tdq_cfg_mod.get_config()
   td.iters, td.progress = 5, False
   pc = ptqd_cfg_mod.get_config()

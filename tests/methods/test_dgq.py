@@ -42,7 +42,7 @@ def test_recipe_on_text_mini_unet():
   model, params, ex = cn.mini(text=True)
   e = cn.text_env(4)
   data = cn.fp_calib(e, model, params, n=4)
-  qm = recipe.build("dgq", {"group_num": 3})(model, params, ex, data, w_bits=8, a_bits=8, env=e)
+  qm = recipe.build("dgq", {"group_num": 3, "weight_init": "minmax", "act_init": "minmax"})(model, params, ex, data, w_bits=8, a_bits=8, env=e)
   # grouped per-step tables: at most group_num distinct scales per step along the chosen axis
   spec = qm.plan["attn2/to_q"].act_spec("input")
   assert spec.granularity == "channel" and spec.axis in (-1, -2)
