@@ -72,10 +72,11 @@ def main(argv):
       f.write(f"# One-step ε error per timestep: {model}, {setting}\n\n{errors.step_error_table(profiles)}\n")
     outputs.append(f.name)
   ranges = errors.activation_ranges_over_time(qm, calib)
-  spread = sorted(ranges, key=lambda p: -float(np.ptp(ranges[p][2])))[:_LAYERS.value]
-  outputs.append(errors.plot_activation_ranges({p: ranges[p] for p in spread},
-                                               os.path.join(_OUT.value, f"{model}_activation_ranges.png"),
-                                               title=f"{model}: layers whose input range drifts most over t"))
+  if ranges:   # a weight-only setting (A16) observes no activation
+    spread = sorted(ranges, key=lambda p: -float(np.ptp(ranges[p][2])))[:_LAYERS.value]
+    outputs.append(errors.plot_activation_ranges({p: ranges[p] for p in spread},
+                                                 os.path.join(_OUT.value, f"{model}_activation_ranges.png"),
+                                                 title=f"{model}: layers whose input range drifts most over t"))
   small = calib.select_steps(np.linspace(0, calib.num_steps - 1, 4).astype(int))
   table = errors.sensitivity_table(errors.layer_sensitivity(qm, small))
   with open(os.path.join(_OUT.value, f"{model}_{setting}_{_METHOD.value}_sensitivity.md"), "w") as f:

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dqjax.analysis import errors
+from dqjax.calib import calibrate
 from dqjax.calib.data import CalibData
 
 
@@ -33,3 +34,15 @@ def test_step_error_profile_measures_error_and_its_shared_part():
   assert all(s["shared_share"] < 0.1 for s in independent)                     # ≈ 1/64 expected
   table = errors.step_error_table({"shift": shifted, "noise": independent})
   assert table.splitlines()[-1].startswith("| mean | ") and "shift: shared share" in table
+
+
+def test_activation_ranges_of_a_weight_only_plan_are_empty_not_an_error():
+  from dqjax.methods import recipe
+  from tests.methods import correction_nets as cn
+  model, params, ex = cn.mini()
+  qm = recipe.prepare(model, params, recipe.build("minmax").rules(4, 16), ex, warn_unused=False)
+  assert not any(op.acts for op in qm.plan.ops)                       # A16: nothing observed
+  data = CalibData(jax.random.normal(jax.random.key(0), (2, 2, 8, 8, 2)), jnp.array([900.0, 100.0]))
+  assert errors.activation_ranges_over_time(qm, data) == {}
+  prof = errors.step_error_profile(calibrate.calibrate_weights(qm, "minmax"), data)
+  assert len(prof) == 2 and all(0 < s["rel_error"] < 1 for s in prof)     # 4-bit weights: some error

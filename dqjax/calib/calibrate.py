@@ -185,8 +185,12 @@ def _compiled_pass(params, qstate, xs, ts, conds, base, *, model, plan, kind, op
 
 
 def _reduce_leading(tree, merge):
-  """Merge the leading axis of a stats pytree with the monoid `merge`."""
-  n = jax.tree_util.tree_leaves(tree)[0].shape[0]
+  """Merge the leading axis of a stats pytree with the monoid `merge` (an empty tree — a weight-only plan
+  observes no activation — stays empty)."""
+  leaves = jax.tree_util.tree_leaves(tree)
+  if not leaves:
+    return tree
+  n = leaves[0].shape[0]
   acc = jax.tree_util.tree_map(lambda a: a[0], tree)
   for i in range(1, n):
     acc = merge_tree(acc, jax.tree_util.tree_map(lambda a: a[i], tree), merge)
