@@ -23,7 +23,20 @@ from dqjax.benchmark import report, runner
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/bench/quick.py", "bench suite config")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/quick", "run directory (resumes if it exists)")
+_OVERRIDES = flags.DEFINE_string(
+    "method_overrides", None, 'JSON {method: {config field: value}} on top of the suite config\'s overrides, '
+    'e.g. \'{"tac_qdm": {"mask_keep": 1.0}}\'; rows keep the method\'s name, so give them their own --workdir')
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "write the tables of the suite's finished rows; run nothing")
+
+
+def _parse_overrides(text: str) -> dict:
+  try:
+    value = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise app.UsageError(f"--method_overrides is not JSON ({e}); expected {{method: {{field: value}}}}") from None
+  if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+    raise app.UsageError("--method_overrides must be a JSON object {method: {field: value}}")
+  return value
 
 
 def _row_time_note(rows) -> str:
@@ -40,6 +53,8 @@ def main(argv):
   del argv
   compile_cache.enable()
   cfg = _CONFIG.value
+  if _OVERRIDES.value:
+    cfg.method_overrides = {**dict(cfg.get("method_overrides", {})), **_parse_overrides(_OVERRIDES.value)}
   suite = runner.suite_from_config(cfg)          # validates every field before heavy work
   workdir = _WORKDIR.value
   os.makedirs(workdir, exist_ok=True)

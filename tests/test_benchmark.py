@@ -25,6 +25,7 @@ def _cfg(**changes):
     ("settings", ("4bit",), "malformed"),
     ("num_samples", -4, "num_samples=-4 must be a positive integer"),
     ("calib_policy", "sometimes", "calib_policy='sometimes'"),
+    ("method_overrides", {"tac_qdn": {"mask_keep": 1.0}}, "method_overrides has unknown method 'tac_qdn'"),
 ])
 def test_bad_config_is_refused_before_work(field, value, message):
   with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -55,3 +56,17 @@ def test_tiny_suite_end_to_end_and_resume(tmp_path):
   md = report.markdown_table(rows)
   assert "| minmax | W8A8 |" in md and "FID ↓" in md
   assert report.csv_table(rows).splitlines()[0].startswith("model,family,method,setting")
+
+
+def test_method_overrides_flag_is_parsed_or_refused_with_the_expected_shape():
+  from absl import app
+  from experiments import bench
+  assert bench._parse_overrides('{"tac_qdm": {"mask_keep": 1.0}}') == {"tac_qdm": {"mask_keep": 1.0}}
+  with pytest.raises(app.UsageError, match="is not JSON"):
+    bench._parse_overrides("{tac_qdm: 1}")
+  with pytest.raises(app.UsageError, match="JSON object"):
+    bench._parse_overrides('{"tac_qdm": 1.0}')
+  cfg = _cfg(methods=("tac_qdm",))
+  cfg.method_overrides = bench._parse_overrides('{"tac_qdm": {"mask_keep": 1.0}}')
+  suite = runner.suite_from_config(cfg)
+  assert runner.method_config("tac_qdm", dict(suite.method_overrides)["tac_qdm"]).mask_keep == 1.0

@@ -9,7 +9,7 @@ explains. The rows go to their own workdir so the survey's default rows stay as 
 """
 from configs.bench import survey
 
-METHODS = ("tdq", "apq_dm", "sbc", "tac_qdm", "q_diffusion")   # QNCD already starts from min-max weights
+METHODS = ("tdq", "apq_dm", "sbc", "tac_qdm", "q_diffusion", "quest")   # QNCD already starts from min-max weights
 
 
 def get_config():

@@ -74,6 +74,10 @@ def suite_from_config(cfg: Any) -> SuiteConfig:
   if policy not in SELECTIONS:
     raise ValueError(f"bench config field calib_policy={policy!r}; accepted values: {', '.join(SELECTIONS)}")
   overrides = tuple((k, dict(v)) for k, v in dict(cfg.get("method_overrides", {})).items())
+  for k, _ in overrides:
+    if k not in recipe_lib.available():
+      raise ValueError(f"bench config field method_overrides has unknown method {k!r}; accepted values: "
+                       f"{', '.join(recipe_lib.available())}")
   return SuiteConfig(models, methods, settings, cfg.num_samples, cfg.batch_size, cfg.calib_samples,
                      cfg.calib_steps, policy, cfg.get("seed", 0), cfg.get("save_grids", True), overrides)
 
