@@ -26,6 +26,7 @@ _SETTING = flags.DEFINE_string("setting", "W4A8", "bit setting for trajectories,
 _METHOD = flags.DEFINE_string("method", "minmax", "method whose calibrated model the sensitivity table uses")
 _STEP_METHODS = flags.DEFINE_list("step_error_methods", [], "methods whose per-step ε error and shared-error "
                                   "share are tabulated side by side (e.g. minmax,mse)")
+_SENSITIVITY = flags.DEFINE_bool("sensitivity", True, "write the per-layer sensitivity table (one forward per layer)")
 _LAYERS = flags.DEFINE_integer("num_layers", 6, "layers shown in the activation-range plot")
 _OUT = flags.DEFINE_string("out", "runs/analysis", "output directory")
 
@@ -77,11 +78,12 @@ def main(argv):
     outputs.append(errors.plot_activation_ranges({p: ranges[p] for p in spread},
                                                  os.path.join(_OUT.value, f"{model}_activation_ranges.png"),
                                                  title=f"{model}: layers whose input range drifts most over t"))
-  small = calib.select_steps(np.linspace(0, calib.num_steps - 1, 4).astype(int))
-  table = errors.sensitivity_table(errors.layer_sensitivity(qm, small))
-  with open(os.path.join(_OUT.value, f"{model}_{setting}_{_METHOD.value}_sensitivity.md"), "w") as f:
-    f.write(f"# Per-layer sensitivity: {model}, {_METHOD.value} {setting}\n\n{table}\n")
-  outputs.append(f.name)
+  if _SENSITIVITY.value:
+    small = calib.select_steps(np.linspace(0, calib.num_steps - 1, 4).astype(int))
+    table = errors.sensitivity_table(errors.layer_sensitivity(qm, small))
+    with open(os.path.join(_OUT.value, f"{model}_{setting}_{_METHOD.value}_sensitivity.md"), "w") as f:
+      f.write(f"# Per-layer sensitivity: {model}, {_METHOD.value} {setting}\n\n{table}\n")
+    outputs.append(f.name)
   print("\n".join(outputs))
 
 
