@@ -42,6 +42,7 @@ def test_tiny_suite_end_to_end_and_resume(tmp_path):
   assert fp["psnr"] == float("inf") and fp["ssim"] == pytest.approx(1.0)
   assert np.isfinite(q["psnr"]) and q["psnr"] > 10          # W8A8 stays close to FP from the same noise
   assert q["size_mb"] < fp["size_mb"] / 3.5 and q["bops_g"] < fp["bops_g"] / 10
+  assert q["row_seconds"] > q["quant_seconds"] > 0           # the row's own time includes sampling + metrics
   assert os.path.exists(tmp_path / "grids" / "ldm-mnist__minmax__W8A8.png")
   mtime = os.path.getmtime(runner.row_path(str(tmp_path), "ldm-mnist", "minmax", "W8A8"))
   again = runner.run_suite(suite, str(tmp_path))                 # resumes: nothing recomputed
