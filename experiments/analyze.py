@@ -37,7 +37,10 @@ def main(argv):
   from dqjax import zoo
   if _MODEL.value not in zoo.NAMES:
     raise app.UsageError(f"--model={_MODEL.value!r}; accepted values: {', '.join(zoo.NAMES)}")
-  parse_bits(_SETTING.value)
+  try:
+    parse_bits(_SETTING.value)
+  except ValueError as e:
+    raise app.UsageError(f"--setting: {e}") from None
   for name in [_METHOD.value] + _STEP_METHODS.value:
     recipe_lib.get(name)                                  # clear error for an unknown method, before any work
   os.makedirs(_OUT.value, exist_ok=True)
@@ -60,14 +63,10 @@ def main(argv):
   entry = zoo.load(model)
   calib = runner.calibration_data(entry, suite, jax.random.key(0))
   w, a = parse_bits(setting)
-  qm = recipe_lib.build(_METHOD.value, runner.method_config(_METHOD.value))(
-      entry.model, entry.params, entry.example_args(2), calib, w_bits=w, a_bits=a, model_family=entry.family,
-      num_train_timesteps=entry.num_train_timesteps, env=entry.env())
+  qm = runner.quantize_entry(entry, _METHOD.value, calib, w, a)
   if _STEP_METHODS.value:
-    profiles = {name: errors.step_error_profile(qm if name == _METHOD.value else recipe_lib.build(
-        name, runner.method_config(name))(entry.model, entry.params, entry.example_args(2), calib, w_bits=w,
-                                          a_bits=a, model_family=entry.family, env=entry.env(),
-                                          num_train_timesteps=entry.num_train_timesteps), calib)
+    profiles = {name: errors.step_error_profile(
+        qm if name == _METHOD.value else runner.quantize_entry(entry, name, calib, w, a), calib)
                 for name in _STEP_METHODS.value}
     with open(os.path.join(_OUT.value, f"{model}_{setting}_step_errors.md"), "w") as f:
       f.write(f"# One-step ε error per timestep: {model}, {setting}\n\n{errors.step_error_table(profiles)}\n")

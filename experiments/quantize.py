@@ -37,7 +37,10 @@ def main(argv):
   if _MODEL.value not in zoo.NAMES:
     raise app.UsageError(f"--model={_MODEL.value!r}; accepted values: {', '.join(zoo.NAMES)}")
   entry_method = recipe_lib.get(_METHOD.value)          # clear error for an unknown method
-  w_bits, a_bits = parse_bits(_SETTING.value)
+  try:
+    w_bits, a_bits = parse_bits(_SETTING.value)
+  except ValueError as e:
+    raise app.UsageError(f"--setting: {e}") from None
   if _SAMPLES.value <= 0:
     raise app.UsageError(f"--num_samples={_SAMPLES.value} must be positive")
   workdir = _WORKDIR.value or os.path.join("runs", "quantize", f"{_MODEL.value}_{_METHOD.value}_{_SETTING.value}")
@@ -49,8 +52,7 @@ def main(argv):
   mcfg = runner.method_config(_METHOD.value)
   if mcfg is not None:
     config["method_config"] = json.loads(mcfg.to_json_best_effort())
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    json.dump(config, f, indent=1)
+  runner.write_json_atomic(os.path.join(workdir, "config.json"), config)
 
   suite = runner.SuiteConfig(models=(_MODEL.value,), methods=(_METHOD.value,), settings=(_SETTING.value.upper(),),
                              num_samples=_SAMPLES.value, batch_size=min(_SAMPLES.value, 250),
@@ -61,11 +63,9 @@ def main(argv):
   start = time.perf_counter()
   qm = None
   if os.path.isdir(ckpt):
-    qm = _restore(ckpt, entry, w_bits, a_bits)
+    qm = _restore(ckpt, entry, {"model": _MODEL.value, "method": _METHOD.value, "setting": _SETTING.value.upper()})
   if qm is None:
-    rec = recipe_lib.build(_METHOD.value, mcfg)
-    qm = rec(entry.model, entry.params, entry.example_args(2), run.calib, w_bits=w_bits, a_bits=a_bits,
-             model_family=entry.family, num_train_timesteps=entry.num_train_timesteps, env=entry.env())
+    qm = runner.quantize_entry(entry, _METHOD.value, run.calib, w_bits, a_bits, mcfg)
     checkpoint.save(ckpt, qm.plan, qm.params, qm.qstate,
                     corrections={c.name: c.state for c in qm.corrections},
                     metadata={"model": _MODEL.value, "method": _METHOD.value, "setting": _SETTING.value.upper(),
@@ -77,8 +77,7 @@ def main(argv):
   scores.update(psnr=float(metrics.psnr(images, run.fp_images)), ssim=float(metrics.ssim(images, run.fp_images)),
                 quant_seconds=quant_seconds, **costs.row_costs(entry, qm.plan))
   scores["traj_mse"] = [float(v) for v in np.asarray(metrics.trajectory_mse(traj.xs, run.fp_traj.xs))]
-  with open(os.path.join(workdir, "metrics.json"), "w") as f:
-    json.dump(scores, f, indent=1)
+  runner.write_json_atomic(os.path.join(workdir, "metrics.json"), scores)
   row = {"model": _MODEL.value, "method": _METHOD.value, "setting": _SETTING.value.upper(), **scores,
          "num_samples": _SAMPLES.value}
   with open(os.path.join(workdir, "table.md"), "w") as f:
@@ -91,8 +90,9 @@ def main(argv):
   print(f"checkpoint: {ckpt}; metrics: {workdir}/metrics.json")
 
 
-def _restore(ckpt, entry, w_bits, a_bits):
-  """The saved QModel, or None when it cannot be rebuilt here (then quantization runs again)."""
+def _restore(ckpt, entry, wanted: dict):
+  """The saved QModel, or None when it cannot be rebuilt here or was made for another model, method or
+  setting (then quantization runs again and replaces it)."""
   try:
     saved = checkpoint.restore(ckpt)
     corrections = tuple(recipe_lib.correction_from_checkpoint(n, s) for n, s in saved["corrections"].items())
@@ -100,6 +100,10 @@ def _restore(ckpt, entry, w_bits, a_bits):
     print(f"not reusing {ckpt}: {e}")
     return None
   meta = {k: v for k, v in saved["metadata"].items() if v is not None}
+  stale = {k: (meta.get(k), v) for k, v in wanted.items() if meta.get(k) != v}
+  if stale:
+    print(f"not reusing {ckpt}: it was made for " + ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in stale.items()))
+    return None
   qm = recipe_lib.QModel(entry.model, saved["plan"], saved["params"], saved["qstate"], entry.params,
                          entry.num_train_timesteps, corrections, meta, entry.env())
   return recipe_lib.with_forward(qm, meta.get("forward", "QModel"))   # the method's own quantized forward

@@ -170,6 +170,14 @@ def calibration_data(entry, suite: SuiteConfig, key) -> CalibData:
   return select(data, suite.calib_policy, min(suite.calib_steps, data.num_steps), seed=suite.seed)
 
 
+def quantize_entry(entry, method: str, calib: CalibData, w_bits: int, a_bits: int, config: Any = None):
+  """A zoo entry's network quantized by a registered method (`config`: the method's config; default the
+  one in configs/methods/<method>.py) — the one call the bench, `quantize` and `analyze` share."""
+  rec = recipe_lib.build(method, config if config is not None else method_config(method))
+  return rec(entry.model, entry.params, entry.example_args(2), calib, w_bits=w_bits, a_bits=a_bits,
+             model_family=entry.family, num_train_timesteps=entry.num_train_timesteps, env=entry.env())
+
+
 # --- one row ----------------------------------------------------------------------------------------
 def run_row(run: ModelRun, method: str, setting: str, suite: SuiteConfig) -> dict:
   from dqjax import metrics
@@ -179,10 +187,8 @@ def run_row(run: ModelRun, method: str, setting: str, suite: SuiteConfig) -> dic
   if method == FP_METHOD:
     denoise, correction, plan, qm = entry.fp_denoiser(), None, None, None
   else:
-    overrides = dict(suite.method_overrides).get(method)
-    rec = recipe_lib.build(method, method_config(method, overrides))
-    qm = rec(entry.model, entry.params, entry.example_args(2), run.calib, w_bits=w_bits, a_bits=a_bits,
-             model_family=entry.family, num_train_timesteps=entry.num_train_timesteps, env=entry.env())
+    qm = quantize_entry(entry, method, run.calib, w_bits, a_bits,
+                        method_config(method, dict(suite.method_overrides).get(method)))
     jax.block_until_ready(jax.tree_util.tree_leaves(qm.qstate))
     denoise, correction, plan = qm.denoiser(), qm.correction, qm.plan
   quant_seconds = time.perf_counter() - start
@@ -253,19 +259,20 @@ def run_suite(suite: SuiteConfig, workdir: str, *, run_missing: bool = True) -> 
       print(f"row {model} {method} {setting} failed: {msg}")
       row = {"model": model, "method": method, "setting": setting, "error": msg,
              "family": recipe_lib.get(method).family}
-      _write_json_atomic(path, row)
+      write_json_atomic(path, row)
       all_rows.append(row)
       continue
     if suite.save_grids:
       report.save_grid(images[:64], os.path.join(workdir, "grids", f"{model}__{method}__{setting}.png"))
       os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
       np.save(os.path.join(workdir, "samples", f"{model}__{method}__{setting}.npy"), images[:16])
-    _write_json_atomic(path, row)
+    write_json_atomic(path, row)
     all_rows.append(row)
   return all_rows
 
 
-def _write_json_atomic(path: str, obj):
+def write_json_atomic(path: str, obj):
+  """Write JSON so that a reader never sees a half-written file (temporary file, then rename)."""
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     json.dump(obj, f, indent=1)
