@@ -4,7 +4,8 @@ r"""Quantize one zoo model with one method at one bit setting: checkpoint + metr
   python -m experiments.quantize --model=dit-mnist --method=minmax --setting=W8A8 --num_samples=256 \
       --workdir=runs/q/dit
 
-A rerun with the same workdir reuses the saved checkpoint (quantization is not repeated).
+A rerun with the same workdir reuses the saved checkpoint (quantization is not repeated) when it was made
+for the same model, method and setting; otherwise it is quantized again and replaced.
 """
 from __future__ import annotations
 
