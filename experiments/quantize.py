@@ -64,7 +64,8 @@ def main(argv):
   start = time.perf_counter()
   qm = None
   if os.path.isdir(ckpt):
-    qm = _restore(ckpt, entry, {"model": _MODEL.value, "method": _METHOD.value, "setting": _SETTING.value.upper()})
+    qm = runner.restore_quantized(ckpt, entry, {"model": _MODEL.value, "method": _METHOD.value,
+                                                "setting": _SETTING.value.upper()})
   if qm is None:
     qm = runner.quantize_entry(entry, _METHOD.value, run.calib, w_bits, a_bits, mcfg)
     checkpoint.save(ckpt, qm.plan, qm.params, qm.qstate,
@@ -89,25 +90,6 @@ def main(argv):
   report.save_grid(run.fp_images[:64], os.path.join(workdir, "samples_fp.png"))
   print(report.markdown_table([row]))
   print(f"checkpoint: {ckpt}; metrics: {workdir}/metrics.json")
-
-
-def _restore(ckpt, entry, wanted: dict):
-  """The saved QModel, or None when it cannot be rebuilt here or was made for another model, method or
-  setting (then quantization runs again and replaces it)."""
-  try:
-    saved = checkpoint.restore(ckpt)
-    corrections = tuple(recipe_lib.correction_from_checkpoint(n, s) for n, s in saved["corrections"].items())
-  except (ValueError, FileNotFoundError) as e:
-    print(f"not reusing {ckpt}: {e}")
-    return None
-  meta = {k: v for k, v in saved["metadata"].items() if v is not None}
-  stale = {k: (meta.get(k), v) for k, v in wanted.items() if meta.get(k) != v}
-  if stale:
-    print(f"not reusing {ckpt}: it was made for " + ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in stale.items()))
-    return None
-  qm = recipe_lib.QModel(entry.model, saved["plan"], saved["params"], saved["qstate"], entry.params,
-                         entry.num_train_timesteps, corrections, meta, entry.env())
-  return recipe_lib.with_forward(qm, meta.get("forward", "QModel"))   # the method's own quantized forward
 
 
 if __name__ == "__main__":

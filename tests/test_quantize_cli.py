@@ -1,47 +1,55 @@
-"""`experiments.quantize`: a rerun reuses the checkpoint and reproduces the metrics; a checkpoint made for
-another setting is not reused; bad flags stop before any work."""
-import json
+"""`experiments.quantize`: a rerun reuses its checkpoint only when it was made for the same model, method
+and setting (`runner.restore_quantized`); bad flags stop before any work."""
 import os
 import subprocess
 import sys
+import types
+
+import numpy as np
+
+from dqjax import checkpoint
+from dqjax.benchmark import runner
+from tests.test_deploy_checkpoint import _qm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = ["--model=ldm-mnist", "--method=minmax", "--num_samples=8", "--calib_samples=4", "--calib_steps=2"]
+META = {"model": "tiny", "method": "minmax", "setting": "W8A8"}
 
 
-def _run(workdir, *flags, cache="off"):
-  env = {**os.environ, "DQJAX_COMPILE_CACHE": cache, "JAX_PLATFORMS": "cpu"}
-  out = subprocess.run([sys.executable, "-m", "experiments.quantize", f"--workdir={workdir}", *SMALL, *flags],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-  return out
+def _saved(tmp_path):
+  qm, x, t = _qm(8, 8)
+  path = checkpoint.save(str(tmp_path / "checkpoint"), qm.plan, qm.params, qm.qstate,
+                         metadata={**META, "forward": "QModel"})
+  entry = types.SimpleNamespace(model=qm.model, params=qm.fp_params, num_train_timesteps=1000, env=lambda: None)
+  return qm, x, t, path, entry
 
 
-def _metrics(workdir):
-  with open(os.path.join(workdir, "metrics.json")) as f:
-    return json.load(f)
+def test_matching_checkpoint_is_restored_exactly(tmp_path):
+  qm, x, t, path, entry = _saved(tmp_path)
+  back = runner.restore_quantized(path, entry, META)
+  assert back is not None
+  np.testing.assert_array_equal(np.asarray(back.apply(x, t)), np.asarray(qm.apply(x, t)))   # bit-identical
 
 
-def test_rerun_reuses_the_checkpoint_and_a_stale_one_is_replaced(tmp_path):
-  wd, cache = str(tmp_path / "run"), str(tmp_path / "xla_cache")   # reruns reuse the first run's compilations
-  first = _run(wd, "--setting=W8A8", cache=cache)
-  assert first.returncode == 0, first.stderr[-2000:]
-  m1 = _metrics(wd)
-  second = _run(wd, "--setting=W8A8", cache=cache)
-  assert second.returncode == 0, second.stderr[-2000:]
-  m2 = _metrics(wd)
-  assert "not reusing" not in second.stdout
-  assert m2["psnr"] == m1["psnr"] and m2["traj_mse"] == m1["traj_mse"]     # bit-identical samples
-  assert m2["quant_seconds"] < m1["quant_seconds"]                          # restored, not recalibrated
-  third = _run(wd, "--setting=W4A8", cache=cache)
-  assert third.returncode == 0, third.stderr[-2000:]
-  assert "it was made for setting='W8A8' (now 'W4A8')" in third.stdout
-  assert _metrics(wd)["psnr"] != m1["psnr"]
+def test_checkpoint_for_another_setting_or_a_missing_one_is_not_reused(tmp_path, capsys):
+  _, _, _, path, entry = _saved(tmp_path)
+  assert runner.restore_quantized(path, entry, {**META, "setting": "W4A8", "method": "mse"}) is None
+  out = capsys.readouterr().out
+  assert "it was made for method='minmax' (now 'mse'), setting='W8A8' (now 'W4A8')" in out
+  assert runner.restore_quantized(str(tmp_path / "nothing"), entry, META) is None
+  assert f"not reusing {tmp_path / 'nothing'}" in capsys.readouterr().out
+
+
+def _run(workdir, *flags):
+  env = {**os.environ, "DQJAX_COMPILE_CACHE": "off", "JAX_PLATFORMS": "cpu"}
+  return subprocess.run([sys.executable, "-m", "experiments.quantize", f"--workdir={workdir}", *flags],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
 def test_bad_flags_are_refused_before_any_work(tmp_path):
   out = _run(str(tmp_path / "bad"), "--model=ldm-cifar")
   assert out.returncode != 0 and "--model='ldm-cifar'; accepted values: ddpm-mnist, ldm-mnist" in out.stderr
   out = _run(str(tmp_path / "bad"), "--setting=W9A8")
-  assert out.returncode != 0 and "--setting: weight bits=9 in 'W9A8' is out of range; accepted values: 1..8" in out.stderr
+  assert out.returncode != 0
+  assert "--setting: weight bits=9 in 'W9A8' is out of range; accepted values: 1..8" in out.stderr
   assert "Traceback" not in out.stderr
   assert not os.path.exists(tmp_path / "bad" / "checkpoint")

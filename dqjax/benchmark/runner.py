@@ -178,6 +178,28 @@ def quantize_entry(entry, method: str, calib: CalibData, w_bits: int, a_bits: in
              model_family=entry.family, num_train_timesteps=entry.num_train_timesteps, env=entry.env())
 
 
+def restore_quantized(path: str, entry, expected: dict):
+  """The QModel saved at `path` for a zoo entry, or None — with the reason printed — when it cannot be
+  rebuilt here (missing, corrupt, unknown correction) or its metadata differs from `expected` (a
+  checkpoint made for another model, method or setting must be quantized again, not reused)."""
+  from dqjax import checkpoint
+  try:
+    saved = checkpoint.restore(path)
+    corrections = tuple(recipe_lib.correction_from_checkpoint(n, s) for n, s in saved["corrections"].items())
+  except (ValueError, FileNotFoundError) as e:
+    print(f"not reusing {path}: {e}")
+    return None
+  meta = {k: v for k, v in saved["metadata"].items() if v is not None}
+  stale = {k: (meta.get(k), v) for k, v in expected.items() if meta.get(k) != v}
+  if stale:
+    print(f"not reusing {path}: it was made for "
+          + ", ".join(f"{k}={was!r} (now {now!r})" for k, (was, now) in stale.items()))
+    return None
+  qm = recipe_lib.QModel(entry.model, saved["plan"], saved["params"], saved["qstate"], entry.params,
+                         entry.num_train_timesteps, corrections, meta, entry.env())
+  return recipe_lib.with_forward(qm, meta.get("forward", "QModel"))   # the method's own quantized forward
+
+
 # --- one row ----------------------------------------------------------------------------------------
 def run_row(run: ModelRun, method: str, setting: str, suite: SuiteConfig) -> dict:
   from dqjax import metrics
