@@ -1,5 +1,5 @@
-"""Test-wide JAX settings: 8 fake CPU devices (sharding tests), a persistent compile cache,
-and cheaper XLA optimisation (unit tests are compile-bound on tiny models)."""
+"""Test-wide JAX settings: 8 fake CPU devices (sharding tests) and a persistent compile cache (unit tests
+are compile-bound on tiny models, so a rerun is about twice as fast)."""
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
