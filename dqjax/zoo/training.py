@@ -43,9 +43,8 @@ def _train_autoencoder(name, spec, steps, seed, ckpt_dir):
   state = training.fit(training.init_state(params, opt), training.make_step(loss_fn, opt, tr["ema"]),
                        lambda i: images[idx(i)], steps, ckpt_dir, seed=seed, desc=name)
   params = state.ema_params
-  means = []
-  for i in range(0, images.shape[0], 500):
-    means.append(jax.jit(lambda p, x: model.apply({"params": p}, x, method=model.encode)[0])(params, images[i:i + 500]))
+  encode_mean = jax.jit(lambda p, x: model.apply({"params": p}, x, method=model.encode)[0])   # one compile
+  means = [encode_mean(params, images[i:i + 500]) for i in range(0, images.shape[0], 500)]
   std = float(jnp.std(jnp.concatenate(means)))
   held, _ = mnist.load_mnist("heldout")
   rec = jax.jit(lambda p, x: model.apply({"params": p}, x))(params, jnp.asarray(held))
