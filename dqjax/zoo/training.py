@@ -29,7 +29,7 @@ def _train_autoencoder(name, spec, steps, seed, ckpt_dir):
   model = build_model(name)
   images, _ = mnist.load_mnist("train")
   images = jnp.asarray(images)
-  params = model.init(jax.random.key(seed), images[:2])["params"]
+  params = jax.jit(model.init)(jax.random.key(seed), images[:2])["params"]   # eager init: one compile per op
   opt = _optimizer(tr["lr"], steps)
 
   def loss_fn(p, batch, key):
@@ -74,7 +74,7 @@ def _train_denoiser(name, spec, steps, seed, ckpt_dir):
   cond_kind = spec["cond"]
   if cond_kind == "class":
     conds, null = jnp.asarray(labels, jnp.int32), jnp.int32(spec["num_classes"])
-    denoiser_params = model.init(key, x_example, t_example, jnp.zeros((2,), jnp.int32))["params"]
+    denoiser_params = jax.jit(model.init)(key, x_example, t_example, jnp.zeros((2,), jnp.int32))["params"]
     params = denoiser_params
     apply_fn = lambda p, x, t, c: model.apply({"params": p}, x, t, c)
   elif cond_kind == "text":
@@ -82,14 +82,14 @@ def _train_denoiser(name, spec, steps, seed, ckpt_dir):
     conds = jnp.asarray(mnist.tokenize(mnist.captions("train"), te.max_len))
     null = jnp.zeros((te.max_len,), jnp.int32)
     k1, k2 = jax.random.split(key)
-    te_params = te.init(k1, conds[:2])["params"]
-    states = te.apply({"params": te_params}, conds[:2])
-    params = {"denoiser": model.init(k2, x_example, t_example, states)["params"], "text_encoder": te_params}
+    te_params = jax.jit(te.init)(k1, conds[:2])["params"]
+    states = jax.jit(te.apply)({"params": te_params}, conds[:2])
+    params = {"denoiser": jax.jit(model.init)(k2, x_example, t_example, states)["params"], "text_encoder": te_params}
     apply_fn = lambda p, x, t, c: model.apply({"params": p["denoiser"]}, x, t,
                                               te.apply({"params": p["text_encoder"]}, c))
   else:
     conds, null = None, None
-    params = model.init(key, x_example, t_example)["params"]
+    params = jax.jit(model.init)(key, x_example, t_example)["params"]
     apply_fn = lambda p, x, t, c: model.apply({"params": p}, x, t)
   opt = _optimizer(tr["lr"], steps)
   step = training.make_train_step(apply_fn, opt, sched, tr["ema"], cond_drop_prob=tr.get("cond_drop", 0.0),
