@@ -59,8 +59,7 @@ def main(argv):
   workdir = _WORKDIR.value
   os.makedirs(workdir, exist_ok=True)
   if not _REPORT_ONLY.value:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(cfg.to_json_best_effort(indent=1))
+    runner.write_json_atomic(os.path.join(workdir, "config.json"), json.loads(cfg.to_json_best_effort()))
   start = time.perf_counter()
   rows = runner.run_suite(suite, workdir, run_missing=not _REPORT_ONLY.value)
   wall = time.perf_counter() - start
@@ -68,8 +67,7 @@ def main(argv):
             f"{os.cpu_count()} CPU cores; date {time.strftime('%Y-%m-%d')}; wall time of this invocation "
             f"{wall:.0f} s (rows resumed from an earlier run are not re-timed)" + _row_time_note(rows) + ".")
   paths = report.write_reports(rows, workdir, header=header)
-  with open(os.path.join(workdir, "metrics.json"), "w") as f:
-    json.dump({"rows": rows, "wall_seconds": wall}, f, indent=1)
+  runner.write_json_atomic(os.path.join(workdir, "metrics.json"), {"rows": rows, "wall_seconds": wall})
   print(open(paths["markdown"]).read())
   print(f"wrote {paths['markdown']}, {paths['csv']} and grids under {workdir}/grids ({wall:.0f} s)")
 
