@@ -213,9 +213,8 @@ def finalize_errors(state: Array, lo: Array, hi: Array, min_ratio: float = 0.01)
 
 
 def hist_supported(spec: QuantSpec) -> bool:
-  """Whether `hist_errors` estimates this spec's errors: uniform integer grids (int formats, ternary is
-  excluded: its one non-zero step is as wide as the range, so bins never straddle several levels, but its
-  streamed search is cheap anyway). Float grids have steps far narrower than any bin near zero."""
+  """Whether `hist_errors` serves this spec: uniform integer grids only. Float grids have steps far narrower
+  than a bin near zero; ternary and binary keep the exact streamed search."""
   return spec.format == "int"
 
 
@@ -230,7 +229,7 @@ def hist_errors(hist: Array, lo: Array, hi: Array, spec: QuantSpec, num_candidat
 
   The streaming `accumulate_errors` costs C fake-quantizations of every activation element; this costs one
   histogram update per element and C·B work per row, which is what makes an MSE/Lp activation search
-  affordable on a large model (pixel-space U-Nets: ~100× faster on 2 CPU cores). The values of a bin are
+  affordable on a large model (ddpm-mnist: 605 s → 55 s per search on 2 CPU cores). The values of a bin are
   taken as uniformly spread over it, and Σ|x − Q(x)|^p is integrated exactly under that assumption: the
   quantizer is a step function whose breakpoints are the midpoints between levels, so a bin narrower than
   one step holds at most one breakpoint and splits into two pieces with a closed-form integral each. Bins
