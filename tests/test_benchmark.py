@@ -1,5 +1,6 @@
 """The benchmark: config validation before heavy work, an end-to-end tiny suite on a shipped model,
-resume, tables."""
+resume, worker processes, tables."""
+import dataclasses
 import json
 import os
 
@@ -24,6 +25,7 @@ def _cfg(**changes):
     ("settings", ("W9A8",), "weight bits=9 in 'W9A8' is out of range"),
     ("settings", ("4bit",), "malformed"),
     ("num_samples", -4, "num_samples=-4 must be a positive integer"),
+    ("workers", 0, "workers=0 must be a positive integer"),
     ("calib_policy", "sometimes", "calib_policy='sometimes'"),
     ("method_overrides", {"tac_qdn": {"mask_keep": 1.0}}, "method_overrides has unknown method 'tac_qdn'"),
 ])
@@ -54,6 +56,16 @@ def test_tiny_suite_end_to_end_and_resume(tmp_path):
   done = runner.run_suite(wider, str(tmp_path), run_missing=False)
   assert [(r["method"], r["setting"]) for r in done] == [("fp", "FP"), ("minmax", "W8A8")]
   assert not os.path.exists(runner.row_path(str(tmp_path), "ldm-mnist", "minmax", "W4A8"))
+  # workers=2: the quantized rows run in spawned processes and equal the serial rows bit for bit
+  parallel = runner.run_suite(dataclasses.replace(wider, workers=2), str(tmp_path / "workers"))
+  assert [(r["method"], r["setting"]) for r in parallel] == [("fp", "FP"), ("minmax", "W8A8"), ("minmax", "W4A8")]
+  assert all("error" not in r for r in parallel)
+  timing = ("quant_seconds", "row_seconds")
+  assert [{k: v for k, v in r.items() if k not in timing} for r in parallel[:2]] == \
+         [{k: v for k, v in r.items() if k not in timing} for r in rows]
+  np.testing.assert_array_equal(np.load(tmp_path / "workers" / "samples" / "ldm-mnist__minmax__W8A8.npy"),
+                                np.load(tmp_path / "samples" / "ldm-mnist__minmax__W8A8.npy"))
+  assert len(os.listdir(tmp_path / "workers" / "logs")) == 2          # one log per worker process
   md = report.markdown_table(rows)
   assert "| minmax | W8A8 |" in md and "FID ↓" in md
   assert report.csv_table(rows).splitlines()[0].startswith("model,family,method,setting")

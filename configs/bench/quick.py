@@ -21,4 +21,5 @@ def get_config():
   c.seed = 0
   c.save_grids = True
   c.method_overrides = {}
+  c.workers = 2          # quantized rows in two processes: one XLA CPU process keeps about one core busy
   return c

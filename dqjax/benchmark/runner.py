@@ -2,13 +2,18 @@
 them the way the survey does, plus paired fidelity against FP from identical noise.
 
 One *row* = (model, method, bit setting). Rows are written to `<workdir>/rows/*.json` as soon as they are
-done, so an interrupted run restarted with the same workdir resumes where it stopped.
+done, so an interrupted run restarted with the same workdir resumes where it stopped. With `workers > 1` the
+quantized rows run in that many worker processes (one XLA CPU process keeps about one core busy); the FP
+rows, which every other row is paired with, always run first in the calling process.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
+import multiprocessing
 import os
+import sys
 import time
 from typing import Any, Optional, Sequence
 
@@ -40,6 +45,7 @@ class SuiteConfig:
   seed: int = 0
   save_grids: bool = True
   method_overrides: tuple = ()           # ((method, {field: value}), ...) applied on top of method configs
+  workers: int = 1                       # processes running the quantized rows side by side
 
 
 def _positive(name, v):
@@ -67,7 +73,7 @@ def suite_from_config(cfg: Any) -> SuiteConfig:
       parse_bits(s)
     except ValueError as e:
       raise ValueError(f"bench config field settings: {e}") from None
-  for name in ("num_samples", "batch_size", "calib_samples", "calib_steps"):
+  for name in ("num_samples", "batch_size", "calib_samples", "calib_steps", "workers"):
     _positive(name, int(cfg.get(name, 1)) if not isinstance(cfg.get(name, 1), int) else cfg.get(name, 1))
   from dqjax.calib.data import SELECTIONS
   policy = cfg.get("calib_policy", "uniform")
@@ -79,7 +85,8 @@ def suite_from_config(cfg: Any) -> SuiteConfig:
       raise ValueError(f"bench config field method_overrides has unknown method {k!r}; accepted values: "
                        f"{', '.join(recipe_lib.available())}")
   return SuiteConfig(models, methods, settings, cfg.num_samples, cfg.batch_size, cfg.calib_samples,
-                     cfg.calib_steps, policy, cfg.get("seed", 0), cfg.get("save_grids", True), overrides)
+                     cfg.calib_steps, policy, cfg.get("seed", 0), cfg.get("save_grids", True), overrides,
+                     cfg.get("workers", 1))
 
 
 def method_config(name: str, overrides: dict | None = None):
@@ -254,43 +261,104 @@ def row_path(workdir: str, model: str, method: str, setting: str) -> str:
 
 
 def run_suite(suite: SuiteConfig, workdir: str, *, run_missing: bool = True) -> list[dict]:
-  """Run every row not already in `workdir` and return all rows (done before + now). With
+  """Run every row not already in `workdir` and return all rows (done before + now), in suite order. With
   run_missing=False nothing runs: the rows already in `workdir` are returned."""
-  from dqjax.benchmark import report
   from dqjax import zoo
   os.makedirs(os.path.join(workdir, "rows"), exist_ok=True)
-  all_rows = []
   todo = [(m, meth, s) for m in suite.models for meth, s in rows_for(suite, zoo.family_of(m))]
-  bar = tqdm(todo, desc="bench", unit="row")
-  runs: dict[str, ModelRun] = {}
-  for model, method, setting in bar:
-    path = row_path(workdir, model, method, setting)
-    if os.path.exists(path):
-      with open(path) as f:
-        all_rows.append(json.load(f))
-      continue
-    if not run_missing:
-      continue
-    bar.set_postfix_str(f"{model} {method} {setting}")
-    if model not in runs:
-      runs[model] = prepare_model(model, suite)
-    try:
-      row, images = run_row(runs[model], method, setting, suite)
-    except Exception as e:  # a method that refuses a setting (e.g. BiDM is W1A1 only) must not stop the suite
-      msg = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-      print(f"row {model} {method} {setting} failed: {msg}")
-      row = {"model": model, "method": method, "setting": setting, "error": msg,
-             "family": recipe_lib.get(method).family}
-      write_json_atomic(path, row)
-      all_rows.append(row)
-      continue
-    if suite.save_grids:
-      report.save_grid(images[:64], os.path.join(workdir, "grids", f"{model}__{method}__{setting}.png"))
-      os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
-      np.save(os.path.join(workdir, "samples", f"{model}__{method}__{setting}.npy"), images[:16])
-    write_json_atomic(path, row)
-    all_rows.append(row)
-  return all_rows
+  done = {}
+  for key in todo:
+    if os.path.exists(row_path(workdir, *key)):
+      with open(row_path(workdir, *key)) as f:
+        done[key] = json.load(f)
+  pending = [key for key in todo if key not in done] if run_missing else []
+  bar = tqdm(total=len(pending), desc="bench", unit="row")
+
+  def finish(key, row, images):
+    _save_row(workdir, key, row, images, suite.save_grids)
+    done[key] = row
+    bar.update()
+
+  # Every row is paired with its model's FP samples, so models are prepared and FP rows run first, here.
+  runs = {m: prepare_model(m, suite) for m in dict.fromkeys(m for m, _, _ in pending)}
+  for key in [k for k in pending if k[1] == FP_METHOD]:
+    bar.set_postfix_str(" ".join(key))
+    finish(key, *_safe_row(runs[key[0]], key[1], key[2], suite))
+  quantized = [k for k in pending if k[1] != FP_METHOD]
+  if suite.workers > 1 and len(quantized) > 1:
+    _run_in_workers(quantized, runs, suite, workdir, finish, bar)
+  else:
+    for key in quantized:
+      bar.set_postfix_str(" ".join(key))
+      finish(key, *_safe_row(runs[key[0]], key[1], key[2], suite))
+  bar.close()
+  return [done[k] for k in todo if k in done]
+
+
+def _safe_row(run: ModelRun, method: str, setting: str, suite: SuiteConfig):
+  """run_row, or an error row: a method that refuses a setting (e.g. BiDM is W1A1 only) must not stop the suite."""
+  try:
+    return run_row(run, method, setting, suite)
+  except Exception as e:
+    msg = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+    print(f"row {run.entry.name} {method} {setting} failed: {msg}")
+    return {"model": run.entry.name, "method": method, "setting": setting, "error": msg,
+            "family": recipe_lib.get(method).family}, None
+
+
+def _save_row(workdir: str, key: tuple[str, str, str], row: dict, images, save_grids: bool):
+  from dqjax.benchmark import report
+  name = "__".join(key)
+  if images is not None and save_grids:
+    report.save_grid(images[:64], os.path.join(workdir, "grids", f"{name}.png"))
+    os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+    np.save(os.path.join(workdir, "samples", f"{name}.npy"), images[:16])
+  write_json_atomic(row_path(workdir, *key), row)
+
+
+# --- worker processes ----------------------------------------------------------------------------------
+_WORKER_RUNS: dict[str, ModelRun] = {}
+
+
+def _run_in_workers(keys, runs: dict[str, ModelRun], suite: SuiteConfig, workdir: str, finish, bar):
+  """Run rows in `suite.workers` spawned processes, each handed the prepared models as host arrays (the
+  same noise, FP samples and calibration data as a serial run, so rows are bit-identical to it). The
+  parent writes every row; workers' own progress and logs go to <workdir>/logs/worker-<pid>.log."""
+  host_runs = {m: _on_host(r) for m, r in runs.items()}
+  log_dir = os.path.join(workdir, "logs")
+  os.makedirs(log_dir, exist_ok=True)
+  cache_dir = jax.config.jax_compilation_cache_dir
+  with concurrent.futures.ProcessPoolExecutor(
+      max_workers=min(suite.workers, len(keys)), mp_context=multiprocessing.get_context("spawn"),
+      initializer=_init_worker, initargs=(host_runs, log_dir, cache_dir)) as pool:
+    futures = {pool.submit(_worker_row, key, suite): key for key in keys}
+    bar.set_postfix_str(f"{len(keys)} rows in {suite.workers} worker processes, logs in {log_dir}")
+    for future in concurrent.futures.as_completed(futures):
+      finish(futures[future], *future.result())
+
+
+def _on_host(run: ModelRun) -> ModelRun:
+  """The run without its zoo entry (not picklable; a worker loads its own) and with numpy arrays."""
+  fields = {f.name: jax.tree_util.tree_map(np.asarray, getattr(run, f.name))
+            for f in dataclasses.fields(run) if f.name != "entry"}
+  return ModelRun(entry=None, **fields)
+
+
+def _init_worker(host_runs: dict[str, ModelRun], log_dir: str, cache_dir: str | None):
+  sys.stdout = sys.stderr = open(os.path.join(log_dir, f"worker-{os.getpid()}.log"), "a", buffering=1)
+  if cache_dir:
+    from dqjax import compile_cache
+    compile_cache.enable(cache_dir)
+  _WORKER_RUNS.update(host_runs)
+
+
+def _worker_row(key: tuple[str, str, str], suite: SuiteConfig):
+  from dqjax import zoo
+  model, method, setting = key
+  run = _WORKER_RUNS[model]
+  if run.entry is None:
+    run = _WORKER_RUNS[model] = dataclasses.replace(run, entry=zoo.load(model))
+  return _safe_row(run, method, setting, suite)
 
 
 def write_json_atomic(path: str, obj):
