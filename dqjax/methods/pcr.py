@@ -26,6 +26,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from dqjax.calib import calibrate
 from dqjax.calib import noise_stats as ns
@@ -88,7 +89,7 @@ def progressive_pass(config):
     s = int(ts.shape[0])
     stages = [g for g in np.array_split(np.arange(s), max(1, min(int(get("num_stages", 4)), s))) if len(g)]
     sampler = quantized_sampler(qm)
-    for g in stages[1:]:
+    for g in tqdm(stages[1:], desc="PCR stages", unit="stage", leave=False):
       out = sampler(qm.params, qm.qstate, x, conds, key)
       new = calib(qm, ns.as_calib_data(qm, out.trajectory.xs, ts, conds))
       qm = merge_entries(qm, new, np.arange(s) >= g[0])
