@@ -1,4 +1,4 @@
-r"""The quick benchmark (goal ≤ 5 minutes on 2 CPU cores; 378 s measured on 2026-12-01): one model (ldm-mnist), the two baselines and
+r"""The quick benchmark (goal ≤ 5 minutes on 2 CPU cores; 255 s on a fresh clone with a cold compile cache, 2026-12-01): one model (ldm-mnist), the two baselines and
 PTQ4DM at W8A8 / W4A8 / W4A4 with small sample counts. The README's main command runs it; the full
 method set is the survey suite (configs/bench/survey.py).
 
