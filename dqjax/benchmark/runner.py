@@ -334,7 +334,10 @@ def _run_in_workers(keys, runs: dict[str, ModelRun], suite: SuiteConfig, workdir
     futures = {pool.submit(_worker_row, key, suite): key for key in keys}
     bar.set_postfix_str(f"{len(keys)} rows in {suite.workers} worker processes, logs in {log_dir}")
     for future in concurrent.futures.as_completed(futures):
-      finish(futures[future], *future.result())
+      row, images = future.result()
+      if "error" in row:                  # the worker printed it into its log; say it here too
+        print(f"row {' '.join(futures[future])} failed: {row['error']}")
+      finish(futures[future], row, images)
 
 
 def _on_host(run: ModelRun) -> ModelRun:
