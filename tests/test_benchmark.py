@@ -71,6 +71,20 @@ def test_tiny_suite_end_to_end_and_resume(tmp_path):
   assert report.csv_table(rows).splitlines()[0].startswith("model,family,method,setting")
 
 
+def test_worker_handoff_keeps_jax_arrays():
+  """A worker receives the prepared model as the parent has it: recipes index calibration data with traced
+  indices, which numpy arrays refuse (TDQ failed in a worker when the hand-off converted to numpy)."""
+  import pickle
+  import jax
+  import jax.numpy as jnp
+  from dqjax.calib.data import CalibData
+  run = runner.ModelRun(entry=object(), noise=jnp.zeros((2, 3)), conds=None, labels=None,
+                        fp_images=np.zeros((2, 3)), fp_traj=None, calib=CalibData(jnp.ones((2, 1, 3)), jnp.arange(2)))
+  back = pickle.loads(pickle.dumps(runner._without_entry(run)))
+  assert back.entry is None and isinstance(back.noise, jax.Array) and isinstance(back.calib.ts, jax.Array)
+  assert int(jax.jit(lambda i: back.calib.ts[i])(1)) == 1
+
+
 def test_method_overrides_flag_is_parsed_or_refused_with_the_expected_shape():
   from absl import app
   from experiments import bench

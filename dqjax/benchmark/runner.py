@@ -321,10 +321,10 @@ _WORKER_RUNS: dict[str, ModelRun] = {}
 
 
 def _run_in_workers(keys, runs: dict[str, ModelRun], suite: SuiteConfig, workdir: str, finish, bar):
-  """Run rows in `suite.workers` spawned processes, each handed the prepared models as host arrays (the
-  same noise, FP samples and calibration data as a serial run, so rows are bit-identical to it). The
+  """Run rows in `suite.workers` spawned processes, each handed the prepared models (the same noise, FP
+  samples and calibration data as a serial run, so rows are bit-identical to it). The
   parent writes every row; workers' own progress and logs go to <workdir>/logs/worker-<pid>.log."""
-  host_runs = {m: _on_host(r) for m, r in runs.items()}
+  host_runs = {m: _without_entry(r) for m, r in runs.items()}
   log_dir = os.path.join(workdir, "logs")
   os.makedirs(log_dir, exist_ok=True)
   cache_dir = jax.config.jax_compilation_cache_dir
@@ -340,11 +340,10 @@ def _run_in_workers(keys, runs: dict[str, ModelRun], suite: SuiteConfig, workdir
       finish(futures[future], row, images)
 
 
-def _on_host(run: ModelRun) -> ModelRun:
-  """The run without its zoo entry (not picklable; a worker loads its own) and with numpy arrays."""
-  fields = {f.name: jax.tree_util.tree_map(np.asarray, getattr(run, f.name))
-            for f in dataclasses.fields(run) if f.name != "entry"}
-  return ModelRun(entry=None, **fields)
+def _without_entry(run: ModelRun) -> ModelRun:
+  """The run to hand to a worker: the zoo entry is not picklable (a worker loads its own); the arrays pickle
+  as they are (jax arrays come back as jax arrays: recipes index calibration data with traced indices)."""
+  return dataclasses.replace(run, entry=None)
 
 
 def _init_worker(host_runs: dict[str, ModelRun], log_dir: str, cache_dir: str | None):
