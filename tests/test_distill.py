@@ -183,3 +183,26 @@ def test_lowbit_ops():
   assert np.unique(np.asarray(two[..., 0])).size <= 4
   k = lowbit.xnor_scale_map(jnp.ones((1, 6, 6, 3)), (3, 3), (1, 1), ((1, 1), (1, 1)))
   assert k.shape == (1, 6, 6, 1) and abs(float(k[0, 3, 3, 0]) - 1.0) < 1e-6 and float(k[0, 0, 0, 0]) < 1.0
+
+
+def test_capture_of_a_block_returning_a_tuple_records_its_hidden_states():
+  """DiT blocks return (hidden, embedding); feature distillation compares the hidden states (BitsFusion on
+  dit-mnist failed subtracting tuples before)."""
+  import flax.linen as nn
+
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, h, emb):
+      return nn.Dense(h.shape[-1], name="proj")(h) + emb, emb
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x, t, cond=None):
+      h, emb = Block(name="transformer_blocks_0")(x, t[:, None])
+      return h
+
+  x, t = jnp.ones((2, 3)), jnp.arange(2.0)
+  params = Net().init(jax.random.key(0), x, t)["params"]
+  out, feats = hooks.capture_apply(Net(), params, x, t, None, distill.DIT_BLOCK_OUTPUTS)
+  assert set(feats) == {"transformer_blocks_0"}
+  np.testing.assert_array_equal(np.asarray(feats["transformer_blocks_0"]), np.asarray(out))

@@ -235,6 +235,10 @@ def make_extended_interceptor(plan: Plan, qstate, t, *, capture: Optional[dict] 
 
 
 def _record(capture: dict, path: str, out):
+  """Store a captured module output. A block returning a tuple (DiT blocks: (hidden, embedding); diffusers
+  down blocks: (hidden, skips)) is recorded by its hidden states, its first element, which is the feature."""
+  if isinstance(out, (tuple, list)):
+    out = out[0]
   key, i = path, 1
   while key in capture:
     key, i = f"{path}#{i}", i + 1
