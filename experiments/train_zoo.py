@@ -2,7 +2,7 @@ r"""Train a zoo model on MNIST-5k (train split) and write its weights and card i
 
   python -m experiments.train_zoo --model=ae-mnist          # first: the latent models need it
   python -m experiments.train_zoo --model=ldm-mnist
-  python -m experiments.train_zoo --model=ldm-mnist --steps=50 --out=/tmp/w   # a quick smoke run
+  python -m experiments.train_zoo --model=ldm-mnist --steps=50 --max_images=256 --out=/tmp/w   # a smoke run
 
 Training is resumable: checkpoints go to --ckpt_dir (default runs/train/<name>) and a restarted run
 continues from the last one; the same seed gives the same weights.
@@ -27,6 +27,8 @@ _STEPS = flags.DEFINE_integer("steps", None, "training steps (default: the spec'
 _OUT = flags.DEFINE_string("out", None, "output directory (default: dqjax/zoo/weights/<model>)")
 _CKPT = flags.DEFINE_string("ckpt_dir", None, "resumable checkpoints (default: runs/train/<model>)")
 _SEED = flags.DEFINE_integer("seed", 0, "seed")
+_MAX_IMAGES = flags.DEFINE_integer("max_images", None, "use only this many images per split (smoke runs; "
+                                   "default: all)")
 _EVAL = flags.DEFINE_integer("eval_samples", 500, "samples for the card's FP metrics (0: skip)")
 _EVAL_ONLY = flags.DEFINE_bool("eval_only", False, "only recompute the card's FP metrics of saved weights")
 
@@ -46,12 +48,14 @@ def main(argv):
     print(json.dumps(config["fp_metrics"], indent=1))
     return
   start = time.perf_counter()
-  params, config = training.train(name, steps=_STEPS.value, seed=_SEED.value, ckpt_dir=ckpt)
+  params, config = training.train(name, steps=_STEPS.value, seed=_SEED.value, ckpt_dir=ckpt,
+                                  max_images=_MAX_IMAGES.value)
   train_seconds = time.perf_counter() - start
   config.update(train_seconds=round(train_seconds, 1), machine=f"{platform.machine()} {os.cpu_count()} cores",
                 date=time.strftime("%Y-%m-%d"),
                 command=f"python -m experiments.train_zoo --model={name}"
-                        + (f" --steps={_STEPS.value}" if _STEPS.value else "") + f" --seed={_SEED.value}")
+                        + (f" --steps={_STEPS.value}" if _STEPS.value else "") + f" --seed={_SEED.value}"
+                        + (f" --max_images={_MAX_IMAGES.value}" if _MAX_IMAGES.value else ""))
   training.save(out, params, config)
   if _EVAL.value and registry.SPECS[name]["family"] != "autoencoder":
     metrics = training.evaluate_fp(name, _EVAL.value, seed=_SEED.value)

@@ -24,12 +24,20 @@ def _optimizer(lr: float, steps: int) -> optax.GradientTransformation:
   return optax.chain(optax.clip_by_global_norm(1.0), optax.adam(sched))
 
 
-def _train_autoencoder(name, spec, steps, seed, ckpt_dir):
+def _subset(n: int, max_images: Optional[int]):
+  """Index of the images a run uses: all, or `max_images` evenly spaced ones (the splits are sorted by
+  label, so a prefix would hold a single digit)."""
+  if max_images is None or max_images >= n:
+    return slice(None)
+  return np.round(np.linspace(0, n - 1, max_images)).astype(np.int64)
+
+
+def _train_autoencoder(name, spec, steps, seed, ckpt_dir, max_images):
   tr = spec["train"]
   model = build_model(name)
   images, _ = mnist.load_mnist("train")
-  images = jnp.asarray(images)
-  params = jax.jit(model.init)(jax.random.key(seed), images[:2])["params"]   # eager init: one compile per op
+  images = jnp.asarray(images[_subset(len(images), max_images)])
+  params = jax.jit(model.init)(jax.random.key(seed), images[:2])["params"]
   opt = _optimizer(tr["lr"], steps)
 
   def loss_fn(p, batch, key):
@@ -47,17 +55,20 @@ def _train_autoencoder(name, spec, steps, seed, ckpt_dir):
   means = [encode_mean(params, images[i:i + 500]) for i in range(0, images.shape[0], 500)]
   std = float(jnp.std(jnp.concatenate(means)))
   held, _ = mnist.load_mnist("heldout")
+  held = held[_subset(len(held), max_images)]
   rec = jax.jit(lambda p, x: model.apply({"params": p}, x))(params, jnp.asarray(held))
   mse = float(jnp.mean((rec - held) ** 2))
   psnr = float(10 * np.log10(4.0 / mse))
   return params, {"scaling_factor": 1.0 / std, "heldout_recon_psnr_db": round(psnr, 2)}
 
 
-def _train_denoiser(name, spec, steps, seed, ckpt_dir):
+def _train_denoiser(name, spec, steps, seed, ckpt_dir, max_images):
   tr = spec["train"]
   model = build_model(name)
   sched = schedules.make_schedule(**spec["schedule"])
   images, labels = mnist.load_mnist("train")
+  pick = _subset(len(images), max_images)
+  images, labels = images[pick], labels[pick]
   key = jax.random.key(seed)
   if spec.get("latent"):
     ae = load_autoencoder()
@@ -79,7 +90,7 @@ def _train_denoiser(name, spec, steps, seed, ckpt_dir):
     apply_fn = lambda p, x, t, c: model.apply({"params": p}, x, t, c)
   elif cond_kind == "text":
     te = build_text_encoder(name)
-    conds = jnp.asarray(mnist.tokenize(mnist.captions("train"), te.max_len))
+    conds = jnp.asarray(mnist.tokenize(mnist.captions("train"), te.max_len)[pick])
     null = jnp.zeros((te.max_len,), jnp.int32)
     k1, k2 = jax.random.split(key)
     te_params = jax.jit(te.init)(k1, conds[:2])["params"]
@@ -107,17 +118,26 @@ def _train_denoiser(name, spec, steps, seed, ckpt_dir):
   return state.ema_params, {}
 
 
-def train(name: str, *, steps: Optional[int] = None, seed: int = 0, ckpt_dir: Optional[str] = None):
-  """Train zoo model `name`; returns (params, config for its card)."""
+def train(name: str, *, steps: Optional[int] = None, seed: int = 0, ckpt_dir: Optional[str] = None,
+          max_images: Optional[int] = None):
+  """Train zoo model `name`; returns (params, config for its card).
+
+  max_images: use only that many (evenly spaced) images of each split (train, and the autoencoder's
+    heldout PSNR), for a quick smoke run; None (the default) uses them all. At least one batch is needed.
+  """
   if name not in SPECS:
     raise ValueError(f"unknown zoo model {name!r}; accepted values: {', '.join(SPECS)}")
   spec = SPECS[name]
+  if max_images is not None and max_images < spec["train"]["batch_size"]:
+    raise ValueError(f"max_images={max_images} must be ≥ the batch size {spec['train']['batch_size']} of {name}")
   steps = steps or spec["train"]["steps"]
   fn = _train_autoencoder if spec["family"] == "autoencoder" else _train_denoiser
-  params, extra = fn(name, spec, steps, seed, ckpt_dir)
+  params, extra = fn(name, spec, steps, seed, ckpt_dir, max_images)
   n_params = int(sum(np.prod(a.shape) for a in jax.tree_util.tree_leaves(params)))
   config = {"name": name, "spec": spec, "steps": steps, "seed": seed, "num_params": n_params,
             "size_mb_fp32": round(n_params * 4 / 1e6, 3), **extra}
+  if max_images is not None:
+    config["max_images"] = max_images
   return params, config
 
 
@@ -144,7 +164,8 @@ def evaluate_fp(name: str, n: int, seed: int = 0) -> dict:
 
 def write_card(out: str, name: str, config: dict) -> str:
   spec = SPECS[name]
-  lines = [f"# {name}", "", f"Trained by dqjax on MNIST-5k (4,500-image train split). {config.get('date', '')}", "",
+  data = f"{config['max_images']} images of the" if config.get("max_images") else "the 4,500-image"
+  lines = [f"# {name}", "", f"Trained by dqjax on MNIST-5k ({data} train split). {config.get('date', '')}", "",
            "Reproduce:", "", "```bash", config.get("command", f"python -m experiments.train_zoo --model={name}"),
            "```", "", "| field | value |", "|---|---|",
            f"| family | {spec['family']} |", f"| parameters | {config['num_params']:,} |",
