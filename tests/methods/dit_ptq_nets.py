@@ -58,4 +58,4 @@ def calib(steps: int = 4, n: int = 8, seed: int = 0) -> CalibData:
 
 def fp_out(model, params, data: CalibData, step: int = 0):
   x, t, c = data.xs[step], jnp.full((data.num_samples,), data.ts[step]), data.conds[step]
-  return model.apply({"params": params}, x, t, c)
+  return jax.jit(model.apply)({"params": params}, x, t, c)     # one compile; eager is many small ones

@@ -8,7 +8,7 @@ from dqjax.calib.data import CalibData
 from dqjax.methods import recipe
 from dqjax.methods.apq_dm import contiguous_groups, group_table, mmd_select
 from dqjax.quant import tables
-from tests.methods.unet_ptq_nets import tiny_unet
+from tests.methods import correction_nets as cn
 
 
 def test_contiguous_groups_are_optimal_segments():
@@ -29,7 +29,7 @@ def test_contiguous_groups_are_optimal_segments():
 
 
 def test_planted_distribution_change_gives_two_groups_and_two_scales():
-  model, params, ex = tiny_unet()
+  model, params, ex = cn.mini()           # the mini U-Net: its compiles cost a fraction of tiny_unet's
   steps, n = 8, 8
   spread = jnp.where(jnp.arange(steps) < 5, 6.0, 1.0)[:, None, None, None, None]   # changes after step 4
   xs = jax.random.normal(jax.random.key(0), (steps, n, 8, 8, 2)) * spread

@@ -3,25 +3,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dqjax import models
 from dqjax.methods import binarydm, recipe
 from dqjax.transform import apply as qapply
 from dqjax.transform import hooks
 from tests.methods.qat_nets import run
-
-
-def _tiny_unet():
-  cfg = models.UNet2DConfig.from_dict(dict(
-      sample_size=8, in_channels=2, out_channels=2, block_out_channels=[8, 16], layers_per_block=1,
-      down_block_types=["DownBlock2D", "AttnDownBlock2D"], up_block_types=["AttnUpBlock2D", "UpBlock2D"],
-      attention_head_dim=8, norm_num_groups=4))
-  m = models.UNet2DModel(cfg)
-  x, t = jnp.zeros((1, 8, 8, 2)), jnp.full((1,), 3.0)
-  return m, m.init(jax.random.key(0), x, t)["params"], (x, t)
+from tests.methods.unet_ptq_nets import tiny_unet
 
 
 def test_binarydm_multi_basis_levels_and_progressive_gates():
-  model, params, args = _tiny_unet()
+  model, params, args = tiny_unet()       # jitted init (an eager one is slower), shared with the U-Net PTQ tests
   rec = recipe.build("binarydm", None)
   qm = recipe.prepare(model, params, rec.rules(1, 4, "unet"), args)
   qm = binarydm.binarize(qm)
@@ -54,5 +44,5 @@ def test_binarydm_training_with_low_rank_mimicking():
   assert info["trained_leaves"]["weights"] > 0 and info["trained_leaves"]["binarizer"] > 0
   st = qm.qstate["conv_mid"]
   assert float(st.extra["shortcut"]["gamma"]) != 0.3                      # the shortcut scale learned
-  out = qm.apply(jnp.ones((2, 8, 8, 1)), jnp.full((2,), 300.0))
+  out = jax.jit(lambda *a: qm.apply(*a))(jnp.ones((2, 8, 8, 1)), jnp.full((2,), 300.0))
   assert bool(jnp.all(jnp.isfinite(out)))

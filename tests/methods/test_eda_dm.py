@@ -33,7 +33,7 @@ def test_fbr_joint_block_and_layer_reconstruction():
   data = trajectory(steps=6, n=8)
   from configs.methods.eda_dm import get_config
   c = get_config()
-  c.num_samples, c.weight_init, c.act_init, c.iters = 48, "minmax", "minmax", 20
+  c.num_samples, c.weight_init, c.act_init = 48, "minmax", "minmax"
   c.recon_only = "nothing"                       # calibrated model without FBR, to compare against
   qm = recipe.build("eda_dm", c)(model, params, ex, data, w_bits=4, a_bits=8)
   # TDAC on the model's own mid-block features: non-uniform weights over the steps
@@ -44,7 +44,7 @@ def test_fbr_joint_block_and_layer_reconstruction():
   path = "down_blocks_0/resnets_0"
   block = [b for b in rc.partition(qm.plan) if b.path == path][0]
   from dqjax.methods.eda_dm import FBR
-  cfg = FBR.replace(iters=20, num_samples=48, progress=False)
+  cfg = FBR.replace(iters=5, num_samples=48, progress=False)    # compile-bound: a few steps move every trainable
   assert rc._layer_paths(qm.plan, block, cfg) == [f"{path}/conv1", f"{path}/time_emb_proj"]
   out = rc.reconstruct(qm, data, [block], cfg, phase="joint")
   st0, st1 = qm.qstate[f"{path}/conv1"], out.qstate[f"{path}/conv1"]

@@ -2,6 +2,7 @@
 kernels."""
 import ml_collections
 import numpy as np
+import pytest
 
 from dqjax.calib import calib_sets
 from dqjax.methods import recipe
@@ -14,8 +15,8 @@ def _config(**kw):
   from configs.methods.q_diffusion import get_config
   c = get_config()
   c.calib_steps = 4
-  c.iters_w = 20
-  c.iters_a = 10
+  c.iters_w = 5                     # compiles dominate; a few steps show the learned logits and act steps
+  c.iters_a = 5
   c.recon_only = "up_blocks_1/resnets_0"
   c.weight_init = "minmax"          # the searches are tested in the core; keep this test fast
   c.act_init = "minmax"
@@ -24,9 +25,14 @@ def _config(**kw):
   return c
 
 
-def test_split_shortcut_quantizers_exist_and_differ_per_half():
-  model, params, ex = tiny_unet()
-  data = trajectory(steps=4)
+@pytest.fixture(scope="module")
+def unet():
+  return tiny_unet()        # one (re)traced init for the module
+
+
+def test_split_shortcut_quantizers_exist_and_differ_per_half(unet):
+  model, params, ex = unet
+  data = trajectory(steps=4, n=4)
   qm = recipe.build("q_diffusion", _config())(model, params, ex, data, w_bits=4, a_bits=8)
   splits = qm.meta["shortcut_splits"]
   # every up-block ResBlock's 1x1 shortcut sees [h, skip]: the split is h's channel count
@@ -53,8 +59,8 @@ def test_split_shortcut_quantizers_exist_and_differ_per_half():
   assert not qm.plan["conv_in"].weight.symmetric and qm.qstate["conv_in"].weight.zero_point is not None
 
 
-def test_split_detection_follows_the_model_and_can_be_disabled():
-  model, params, ex = tiny_unet()
+def test_split_detection_follows_the_model_and_can_be_disabled(unet):
+  model, params, ex = unet
   qm = recipe.prepare(model, params, recipe.build("q_diffusion", _config()).rules(8, 8), ex)
   assert len(skip_concat_splits(qm, trajectory(steps=1, n=1))) == 4
   q2 = split_shortcuts_pass(enabled=False)(qm, trajectory(steps=1, n=1))

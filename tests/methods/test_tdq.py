@@ -5,14 +5,24 @@ import pytest
 
 from dqjax.calib import calibrate
 from dqjax.methods import recipe
-from dqjax.methods.tdq import train_tdq
+from dqjax.methods.tdq import fourier_encoding, train_tdq
 from dqjax.quant import tables
-from tests.methods.unet_ptq_nets import tiny_unet, trajectory
+from tests.methods import correction_nets as cn
+from tests.methods.unet_ptq_nets import trajectory
+
+# the mini U-Net (conv_in, a ResBlock, attention, conv_out) compiles several times faster than tiny_unet
+# and has the same kinds of static activation quantizers
 
 
-def test_tdq_table_varies_with_t_and_tracks_the_ranges():
-  model, params, ex = tiny_unet()
+@pytest.fixture(scope="module")
+def setup():
+  model, params, ex = cn.mini()
   data = trajectory(steps=6, n=8, growth=1.0)        # the input's spread is 6x larger at t=950 than at t=50
+  return model, params, ex, data
+
+
+def test_tdq_table_varies_with_t_and_tracks_the_ranges(setup):
+  model, params, ex, data = setup
   from configs.methods.tdq import get_config
   c = get_config()
   c.weight_init, c.act_init, c.iters, c.lr, c.progress = "minmax", "minmax", 120, 1e-2, False
@@ -28,15 +38,14 @@ def test_tdq_table_varies_with_t_and_tracks_the_ranges():
   assert last < first
 
 
-def test_tdq_starts_from_the_static_interval_and_checks_objective():
-  model, params, ex = tiny_unet()
-  data = trajectory(steps=3, n=4)
-  qm = recipe.prepare(model, params, recipe.build("tdq").rules(8, 8), ex)
+def test_tdq_starts_from_the_static_interval_and_checks_objective(setup):
+  model, params, ex, data = setup
+  # same plan and data as above: the calibration passes reuse the compiled programs
+  qm = recipe.prepare(model, params, recipe.build("tdq").rules(8, 4), ex)
   qm = calibrate.calibrate_activations(calibrate.calibrate_weights(qm, "minmax"), data, "minmax")
   with pytest.raises(ValueError, match="objective"):
     train_tdq(qm, data, objective="kl")
   mlp, p, quants, hist = train_tdq(qm, data, iters=0, progress=False)
   assert hist == []
-  from dqjax.methods.tdq import fourier_encoding
   offs = mlp.apply({"params": p}, fourier_encoding(jnp.asarray([10.0, 900.0]), 1000))
   assert offs.shape == (2, len(quants)) and float(jnp.max(jnp.abs(offs))) < 0.05   # ~ static at the start
