@@ -52,7 +52,7 @@ from configs.bench import quick
 from dqjax.benchmark import report, runner
 cfg = quick.get_config()
 if SMALL:
-    cfg.settings = ("W8A8",); cfg.methods = ("minmax",); cfg.num_samples = 16; cfg.batch_size = 16
+    cfg.settings = ("W8A8",); cfg.methods = ("minmax",); cfg.num_samples = 8; cfg.batch_size = 8
     cfg.calib_samples = 8; cfg.calib_steps = 2
 suite = runner.suite_from_config(cfg)
 workdir = tempfile.mkdtemp()
@@ -81,7 +81,7 @@ top = sorted(ranges, key=lambda p: -float(np.ptp(ranges[p][2])))[:5]
 path = errors.plot_activation_ranges({p: ranges[p] for p in top}, "/tmp/ranges.png")
 plt.imshow(plt.imread(path)); plt.axis("off"); plt.show()'''),
     ("code", '''small = calib.select_steps(np.arange(0, calib.num_steps, 5))
-sens = errors.layer_sensitivity(qm, small, max_layers=6 if SMALL else None)
+sens = errors.layer_sensitivity(qm, small, max_layers=3 if SMALL else None)
 print(errors.sensitivity_table(sens[:10]))'''),
 ]
 

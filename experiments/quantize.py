@@ -32,18 +32,30 @@ _SEED = flags.DEFINE_integer("seed", 0, "seed")
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (default runs/quantize/<model>_<method>_<setting>)")
 
 
+def _checked_flags():
+  """(method entry, (w_bits, a_bits)); every bad flag is named in one UsageError, so that one rerun fixes all."""
+  errors, entry_method, bits = [], None, None
+  if _MODEL.value not in zoo.NAMES:
+    errors.append(f"--model={_MODEL.value!r}; accepted values: {', '.join(zoo.NAMES)}")
+  try:
+    entry_method = recipe_lib.get(_METHOD.value)
+  except ValueError as e:
+    errors.append(f"--method: {e}")
+  try:
+    bits = parse_bits(_SETTING.value)
+  except ValueError as e:
+    errors.append(f"--setting: {e}")
+  if _SAMPLES.value <= 0:
+    errors.append(f"--num_samples={_SAMPLES.value} must be positive")
+  if errors:
+    raise app.UsageError("\n".join(errors))
+  return entry_method, bits
+
+
 def main(argv):
   del argv
+  entry_method, (w_bits, a_bits) = _checked_flags()
   compile_cache.enable()
-  if _MODEL.value not in zoo.NAMES:
-    raise app.UsageError(f"--model={_MODEL.value!r}; accepted values: {', '.join(zoo.NAMES)}")
-  entry_method = recipe_lib.get(_METHOD.value)          # clear error for an unknown method
-  try:
-    w_bits, a_bits = parse_bits(_SETTING.value)
-  except ValueError as e:
-    raise app.UsageError(f"--setting: {e}") from None
-  if _SAMPLES.value <= 0:
-    raise app.UsageError(f"--num_samples={_SAMPLES.value} must be positive")
   workdir = _WORKDIR.value or os.path.join("runs", "quantize", f"{_MODEL.value}_{_METHOD.value}_{_SETTING.value}")
   os.makedirs(workdir, exist_ok=True)
   config = {"model": _MODEL.value, "method": _METHOD.value, "family": entry_method.family,
