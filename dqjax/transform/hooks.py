@@ -10,8 +10,8 @@ weights (the first present wins; any other op uses the core's `fake_quant_kernel
   'lmb'      {'alpha1', 'alpha2'?}  BinaryDM's learnable multi-basis binarizer (order 2 when alpha2 exists).
   'xnor'     {}  sign(W)·mean|W| per output channel with the scale recomputed every forward and detached
              (BiDM's weights; BinaryDM's order-1 layers, whose α is re-initialised at every forward).
-  'tuneqdm'  {'codes', 'd_out', 'd_in', 'index'}  TuneQDM: frozen W_int − z times expert scales selected by
-             the timestep (expert tables [E, ...], int32 index over training timesteps).
+  'tuneqdm'  {'codes', 'scale', 'd_out', 'd_in', 'index'}  TuneQDM: frozen W_int − z and channel scale times
+             relative expert scales selected by the timestep (tables [E, ...], int32 index over timesteps).
   'intlora'  {'codes', 's', 'r', 'a', 'b', 'qs_scale'?, 'qs_zero'?}  IntLoRA: multiplicative integer LoRA;
              with 'qs_scale' the MUL variant (s' quantized per channel), without it SHIFT (power of two).
   'gate'     {'start'}  progressive binarization (BinaryDM): before training step `start` the op keeps its
@@ -93,7 +93,7 @@ def _hooked_kernel(kind: str, kernel, op, st: OpState, t):
   if kind == "tuneqdm":
     e = ex["index"][jnp.clip(jnp.round(_first_t(t)).astype(jnp.int32), 0, ex["index"].shape[0] - 1)] \
         if t is not None else 0
-    return lowbit.tuneqdm_weight(ex["codes"], ex["d_out"][e], ex["d_in"][e])
+    return lowbit.tuneqdm_weight(ex["codes"], ex["scale"] * ex["d_out"][e], ex["d_in"][e])
   # intlora
   delta = (ex["a"] @ ex["b"]).reshape(ex["codes"].shape)
   s_prime = lowbit.intlora_scale(ex["codes"], ex["s"], ex["r"], delta)
