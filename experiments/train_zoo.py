@@ -42,7 +42,7 @@ def main(argv):
   if _EVAL_ONLY.value:
     from dqjax.zoo import io
     params, config = io.load_params(out)
-    config["fp_metrics"] = training.evaluate_fp(name, _EVAL.value, seed=_SEED.value)
+    config["fp_metrics"] = training.evaluate_fp(name, _EVAL.value, seed=_SEED.value, params=params)
     training.save(out, params, config)
     training.write_card(out, name, config)
     print(json.dumps(config["fp_metrics"], indent=1))
@@ -58,7 +58,7 @@ def main(argv):
                         + (f" --max_images={_MAX_IMAGES.value}" if _MAX_IMAGES.value else ""))
   training.save(out, params, config)
   if _EVAL.value and registry.SPECS[name]["family"] != "autoencoder":
-    metrics = training.evaluate_fp(name, _EVAL.value, seed=_SEED.value)
+    metrics = training.evaluate_fp(name, _EVAL.value, seed=_SEED.value, params=params)
     config["fp_metrics"] = metrics
     training.save(out, params, config)
   training.write_card(out, name, config)

@@ -65,3 +65,17 @@ def test_corrupt_weights_are_a_clear_error(tmp_path):
     io.load_params(str(d))
   with pytest.raises(FileNotFoundError, match="no saved network"):
     io.load_params(str(tmp_path / "nothing"))
+
+
+def test_with_params_swaps_the_weights_a_card_is_scored_with():
+  """train_zoo scores the weights it just trained (not the shipped ones) when --out points elsewhere."""
+  entry = zoo.load("sd-mnist")
+  den = jax.tree_util.tree_map(jnp.zeros_like, entry.params)
+  te = jax.tree_util.tree_map(jnp.ones_like, entry.text[1])
+  swapped = entry.with_params({"denoiser": den, "text_encoder": te})
+  assert swapped.params is den and swapped.text[1] is te and swapped.text[0] is entry.text[0]
+  assert entry.params is not den                                   # the loaded entry is untouched
+  with pytest.raises(ValueError, match="params must be {'denoiser', 'text_encoder'}"):
+    entry.with_params(den)
+  dit = zoo.load("dit-mnist")
+  assert dit.with_params(den).params is den

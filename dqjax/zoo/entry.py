@@ -92,6 +92,16 @@ class ZooEntry:
   autoencoder: Optional[Autoencoder] = None
   text: Optional[tuple] = None        # (text encoder module, its params) for cond_kind == 'text'
 
+  def with_params(self, params) -> "ZooEntry":
+    """The same model with other weights, in the layout `training.train` returns ({'denoiser', 'text_encoder'}
+    for text models, the denoiser tree otherwise): scoring a freshly trained run that is not the shipped one."""
+    if self.cond_kind == "text":
+      if not isinstance(params, dict) or set(params) != {"denoiser", "text_encoder"}:
+        raise ValueError(f"{self.name} params must be {{'denoiser', 'text_encoder'}}; got "
+                         f"{sorted(params) if isinstance(params, dict) else type(params).__name__}")
+      return dataclasses.replace(self, params=params["denoiser"], text=(self.text[0], params["text_encoder"]))
+    return dataclasses.replace(self, params=params)
+
   # --- conditioning -------------------------------------------------------------------------------
   def null_cond(self, n: int):
     if self.cond_kind == "class":

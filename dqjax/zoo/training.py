@@ -145,12 +145,15 @@ def save(out: str, params, config: dict) -> str:
   return io.save_params(out, params, config)
 
 
-def evaluate_fp(name: str, n: int, seed: int = 0) -> dict:
-  """The card's FP metrics: n samples from the shipped sampler, scored by the evaluator."""
+def evaluate_fp(name: str, n: int, seed: int = 0, params=None) -> dict:
+  """The card's FP metrics: n samples from the zoo sampler, scored by the evaluator. `params` (as `train`
+  returns them) scores those weights instead of the shipped ones, e.g. a run written to another --out."""
   from dqjax import metrics, zoo
   from dqjax.zoo import entry as entry_lib
   entry_lib._load_params.cache_clear()
   entry = zoo.load(name)
+  if params is not None:
+    entry = entry.with_params(params)
   imgs, labels = [], []
   for i in range(0, n, 250):
     x, y = jax.jit(lambda k: entry.generate(k, min(250, n - i)))(jax.random.key(seed + i))
