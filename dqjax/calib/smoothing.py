@@ -855,11 +855,7 @@ def variant_error_fn(qm, data: CalibData, variants: dict, *, samples_per_step: O
           s = var.act_specs(k, op.info.operands)[name]
           fns.append((lambda v: v) if s is None else (lambda v, s=s: qops.fake_quant(v, None, s)))
         new.append(jax.lax.switch(choice[path], fns, x))
-      out = next_fun(*new, *args[n:], **kwargs)
-      if st.lowrank is not None:
-        a, b = st.lowrank
-        out = out + ((branch_in @ a) @ b).astype(out.dtype)
-      return out
+      return qapply.with_lowrank_branch(next_fun(*new, *args[n:], **kwargs), branch_in, st)
 
     return interceptor
 

@@ -134,11 +134,7 @@ def make_interceptor(plan: Plan, qstate, t, *, hi_bits: int = 8):
     branch_in = xs[0]
     xs = [quantize_operand(x, op, st, name, t, hi_bits=hi_bits, module=context.module, operand_index=i)
           for i, (name, x) in enumerate(zip(op.info.operands, xs))]
-    out = next_fun(*xs, *args[n:], **kwargs)
-    if st.lowrank is not None:
-      a, b = st.lowrank
-      out = out + ((branch_in @ a) @ b).astype(out.dtype)
-    return out
+    return qapply.with_lowrank_branch(next_fun(*xs, *args[n:], **kwargs), branch_in, st)
 
   return interceptor
 

@@ -97,6 +97,15 @@ def quantized_params(plan: Plan, params: Any, qstate: QState, *, adaround_hard: 
   return replace_kernels(params, new)
 
 
+def with_lowrank_branch(out: jax.Array, branch_in: jax.Array, st: OpState) -> jax.Array:
+  """`out` plus the op's float low-rank branch (SVDQuant / ViDiT-Q), fed the transformed but unquantized
+  input, so the branch absorbs what the quantized main path cannot represent."""
+  if st.lowrank is None:
+    return out
+  a, b = st.lowrank
+  return out + ((branch_in @ a) @ b).astype(out.dtype)
+
+
 def has_input_transform(st: OpState) -> bool:
   return st.smooth is not None or st.rotate is not None or st.lowrank is not None
 
@@ -175,11 +184,7 @@ def make_interceptor(plan: Plan, qstate: QState, t, *, quantize_acts: bool = Tru
                                   _act_params(op, st, "input", t), op.act_spec("input"))
     if quantize_acts and op.acts:
       xs = [quantize_operand(x, op, st, name, t) for name, x in zip(op.info.operands, xs)]
-    out = next_fun(*xs, *args[n:], **kwargs)
-    if st.lowrank is not None:
-      a, b = st.lowrank
-      out = out + ((branch_in @ a) @ b).astype(out.dtype)
-    return out
+    return with_lowrank_branch(next_fun(*xs, *args[n:], **kwargs), branch_in, st)
 
   return interceptor
 
