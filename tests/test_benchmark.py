@@ -101,3 +101,17 @@ def test_method_overrides_flag_is_parsed_or_refused_with_the_expected_shape():
   cfg.method_overrides = bench._parse_overrides('{"tac_qdm": {"mask_keep": 1.0}}')
   suite = runner.suite_from_config(cfg)
   assert runner.method_config("tac_qdm", dict(suite.method_overrides)["tac_qdm"]).mask_keep == 1.0
+
+
+def test_winners_table_ranks_by_paired_psnr_and_shows_the_baseline():
+  row = lambda method, setting, psnr, fid, **kw: dict(model="ldm-mnist", method=method, setting=setting,
+                                                     psnr=psnr, fid=fid, **kw)
+  rows = [row("fp", "FP", float("inf"), 6.1), row("minmax", "W4A8", 12.2, 17.9), row("mse", "W4A8", 10.6, 29.0),
+          row("tfmq_dm", "W4A8", 24.1, 6.0), row("ptqd", "W4A8", 22.1, 5.5), row("minmax", "W8A8", 33.6, 6.1),
+          row("qdm", "W4A8", None, None, error="refused")]
+  lines = report.winners_table(rows).splitlines()
+  assert len(lines) == 4                                   # header, rule, W8A8, W4A8 (FP and failures left out)
+  assert lines[2].startswith("| ldm-mnist | W8A8 | 1 | minmax 33.60 dB / 6.10 | – | – | minmax 33.60 dB / 6.10 |")
+  assert lines[3] == ("| ldm-mnist | W4A8 | 4 | tfmq_dm 24.10 dB / 6.00 | ptqd 22.10 dB / 5.50 | "
+                      "minmax 12.20 dB / 17.90 | minmax 12.20 dB / 17.90 | ptqd 22.10 dB / 5.50 |")
+  assert report.winners_table(rows[:1]) == ""

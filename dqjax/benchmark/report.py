@@ -25,8 +25,8 @@ COLUMNS = (
     ("SSIM vs FP ↑", "ssim", "{:.3f}"),
     ("Quant. time (s)", "quant_seconds", "{:.0f}"),   # calibration / training wall time of the method
 )
-SETTING_ORDER = {"FP": 0, "W8A8": 1, "W4A8": 2, "W4A4": 3, "W3A16": 4, "W2A16": 5, "W1A8": 6, "W1A4": 7,
-                 "W1A1": 8}
+SETTING_ORDER = {"FP": 0, "W8A8": 1, "W4A8": 2, "W4A4": 3, "W8A4": 4, "W3A16": 5, "W2A16": 6, "W1A8": 7,
+                 "W1A4": 8, "W1A1": 9}
 
 
 def _fmt(fmt, v):
@@ -41,7 +41,7 @@ def _fmt(fmt, v):
 
 
 def sort_rows(rows: Sequence[dict]) -> list[dict]:
-  return sorted(rows, key=lambda r: (r["model"], SETTING_ORDER.get(r["setting"], 9), r["method"] != "minmax",
+  return sorted(rows, key=lambda r: (r["model"], SETTING_ORDER.get(r["setting"], 10), r["method"] != "minmax",
                                      r["method"] != "mse", r["method"]))
 
 
@@ -65,6 +65,32 @@ def markdown_table(rows: Sequence[dict], *, title: str = "") -> str:
     out += [f"- {r['model']} {r['method']} {r['setting']}: {r['error']}" for r in sort_rows(failed)]
     out.append("")
   return "\n".join(out)
+
+
+def _entry(r: dict) -> str:
+  return f"{r['method']} {_fmt('{:.2f}', r.get('psnr'))} dB / {_fmt('{:.2f}', r.get('fid'))}"
+
+
+def winners_table(rows: Sequence[dict]) -> str:
+  """"Which method wins at this setting on this model?": per model and bit setting, the methods ranked by
+  paired PSNR against FP from the same noise (the low-variance column; FID on a few hundred samples can
+  rank a row that changed the samples above FP itself), each as `method PSNR dB / FID`, next to the
+  min-max baseline and the row with the lowest FID. Rows without a finite PSNR (FP, failures) are left out."""
+  ok = [r for r in rows if not r.get("error") and r.get("setting") != "FP" and r.get("psnr") is not None
+        and math.isfinite(r["psnr"])]
+  keys = sorted({(r["model"], r["setting"]) for r in ok}, key=lambda k: (k[0], SETTING_ORDER.get(k[1], 10), k[1]))
+  if not keys:
+    return ""
+  out = ["| Model | W/A | rows | best (PSNR vs FP / FID) | 2nd | 3rd | minmax | lowest FID |", "|" + "---|" * 8]
+  for model, setting in keys:
+    group = sorted((r for r in ok if (r["model"], r["setting"]) == (model, setting)),
+                   key=lambda r: (-r["psnr"], r["method"]))
+    ranked = [_entry(r) for r in group[:3]] + ["–"] * max(0, 3 - len(group))
+    base = next((_entry(r) for r in group if r["method"] == "minmax"), "–")
+    fids = [r for r in group if r.get("fid") is not None]
+    low = _entry(min(fids, key=lambda r: (r["fid"], r["method"]))) if fids else "–"
+    out.append(f"| {model} | {setting} | {len(group)} | " + " | ".join(ranked) + f" | {base} | {low} |")
+  return "\n".join(out) + "\n"
 
 
 def csv_table(rows: Sequence[dict]) -> str:
@@ -104,11 +130,13 @@ def save_grid(images: np.ndarray, path: str, ncol: int = 8) -> str:
 
 
 def write_reports(rows: Sequence[dict], workdir: str, *, header: str = "") -> dict:
-  """tables.md and table.csv in the workdir; returns their paths."""
+  """tables.md (the ranking by paired PSNR first, then one table per model) and table.csv in the workdir;
+  returns their paths."""
   md = os.path.join(workdir, "tables.md")
   cs = os.path.join(workdir, "table.csv")
+  ranking = winners_table(rows)
   with open(md, "w") as f:
-    f.write(header + "\n\n" + markdown_table(rows))
+    f.write(header + "\n\n" + (f"### Which method wins\n\n{ranking}\n" if ranking else "") + markdown_table(rows))
   with open(cs, "w") as f:
     f.write(csv_table(rows))
   return {"markdown": md, "csv": cs}
