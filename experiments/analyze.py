@@ -51,9 +51,10 @@ def main(argv):
   outputs = [errors.plot_error_trajectories(rows, os.path.join(_OUT.value, f"{model}_{setting}_trajectory.png"),
                                             model=model, setting=setting)]
   images = {}
+  finished = {(r["method"], r["setting"]) for r in rows if r["model"] == model and not r.get("error")}
   for path in sorted(glob.glob(os.path.join(_BENCH.value, "samples", f"{model}__*.npy"))):
     _, method, st = os.path.basename(path)[:-4].split("__")
-    if st in ("FP", setting):
+    if st in ("FP", setting) and (method, st) in finished:    # samples left by a withdrawn row stay out
       images["FP" if st == "FP" else method] = np.load(path)
   if images:
     outputs.append(errors.comparison_grid(images, os.path.join(_OUT.value, f"{model}_{setting}_grid.png")))

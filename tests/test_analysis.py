@@ -1,9 +1,11 @@
 """Error analysis: the per-step ε error profile separates shared (sample-independent) error from noise."""
+import os
 import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from dqjax.analysis import errors
 from dqjax.calib import calibrate
@@ -46,3 +48,16 @@ def test_activation_ranges_of_a_weight_only_plan_are_empty_not_an_error():
   assert errors.activation_ranges_over_time(qm, data) == {}
   prof = errors.step_error_profile(calibrate.calibrate_weights(qm, "minmax"), data)
   assert len(prof) == 2 and all(0 < s["rel_error"] < 1 for s in prof)     # 4-bit weights: some error
+
+
+def test_error_trajectory_plot_gives_every_method_its_own_look(tmp_path):
+  looks = errors.line_looks(12, [f"C{i}" for i in range(10)])
+  assert len(set(looks)) == 12 and looks[10] == ("C0", "--")
+  with pytest.raises(ValueError, match="more than 10 colours"):
+    errors.line_looks(41, [f"C{i}" for i in range(10)])
+  rows = [dict(model="m", setting="W4A4", method=f"q{i}", traj_mse=[0.0] + [0.1 * (i + 1)] * 5) for i in range(12)]
+  path = errors.plot_error_trajectories(rows, str(tmp_path / "t.png"), model="m", setting="W4A4")
+  assert os.path.getsize(path) > 1000
+  grid = errors.comparison_grid({"minmax": np.zeros((8, 32, 32, 1)), "FP": np.ones((8, 32, 32, 1))},
+                                str(tmp_path / "g.png"))
+  assert os.path.getsize(grid) > 1000

@@ -56,14 +56,28 @@ def plot_activation_ranges(ranges: dict, path: str, title: str = "Activation ran
   return path
 
 
+def line_looks(n: int, colors: Sequence[str]) -> list[tuple[str, str]]:
+  """n distinct (color, line style) pairs: the colour cycle first, then the same colours dashed, dotted..."""
+  styles = ("-", "--", ":", "-.")
+  if n > len(colors) * len(styles):
+    raise ValueError(f"{n} lines need more than {len(colors)} colours × {len(styles)} line styles")
+  return [(colors[i % len(colors)], styles[i // len(colors)]) for i in range(n)]
+
+
 def plot_error_trajectories(rows: Sequence[dict], path: str, *, model: str, setting: str) -> str:
-  """Per-step MSE between FP and quantized sampling trajectories (same noise), one line per method."""
+  """Per-step MSE between FP and quantized sampling trajectories (same noise), one line per method; the
+  legend lists the methods from the largest final error to the smallest, and past ten methods the line
+  style changes so that no two methods share a look. Steps where the error is exactly 0 (the shared x_T)
+  are not drawn, so the axis spans the errors themselves."""
   plt = _plt()
   fig, ax = plt.subplots(figsize=(7, 4))
-  for r in rows:
-    if r["model"] != model or r["setting"] != setting or not r.get("traj_mse"):
-      continue
-    ax.semilogy(np.arange(len(r["traj_mse"])), np.maximum(r["traj_mse"], 1e-12), label=r["method"])
+  chosen = [r for r in rows if r["model"] == model and r["setting"] == setting and r.get("traj_mse")]
+  chosen.sort(key=lambda r: (-float(r["traj_mse"][-1]), r["method"]))
+  colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+  for r, (color, style) in zip(chosen, line_looks(len(chosen), colors)):
+    err = np.asarray(r["traj_mse"], np.float64)
+    ax.semilogy(np.arange(len(err)), np.where(err > 0, err, np.nan), label=r["method"], color=color,
+                linestyle=style)
   ax.set_xlabel("sampler step (0 = noisiest)")
   ax.set_ylabel("MSE(x_t quantized, x_t FP)")
   ax.set_title(f"{model} {setting}: error accumulation along the trajectory")
@@ -134,7 +148,7 @@ def sensitivity_table(results: Sequence[tuple[str, float]]) -> str:
 def comparison_grid(images: dict, path: str, n: int = 8) -> str:
   """One row per method (FP first) of the same n samples, so differences are visible side by side."""
   from dqjax.benchmark import report
-  names = list(images)
+  names = sorted(images, key=lambda k: k != "FP")
   stacked = np.concatenate([np.asarray(images[k][:n]) for k in names], axis=0)
   plt = _plt()
   g = report.grid(stacked, ncol=n)
