@@ -115,3 +115,14 @@ def test_winners_table_ranks_by_paired_psnr_and_shows_the_baseline():
   assert lines[3] == ("| ldm-mnist | W4A8 | 4 | tfmq_dm 24.10 dB / 6.00 | ptqd 22.10 dB / 5.50 | "
                       "minmax 12.20 dB / 17.90 | minmax 12.20 dB / 17.90 | ptqd 22.10 dB / 5.50 |")
   assert report.winners_table(rows[:1]) == ""
+
+
+def test_method_config_refuses_a_missing_configs_package(monkeypatch):
+  import importlib
+  assert runner.method_config("minmax") is None                  # a method without a config file
+  assert runner.method_config("tuneqdm", {"lr": 1e-4}).lr == 1e-4
+  def no_configs(name):
+    raise ModuleNotFoundError("No module named 'configs'", name="configs")
+  monkeypatch.setattr(importlib, "import_module", no_configs)
+  with pytest.raises(ModuleNotFoundError, match="method configs .* are not importable"):
+    runner.method_config("tuneqdm")

@@ -90,11 +90,18 @@ def suite_from_config(cfg: Any) -> SuiteConfig:
 
 
 def method_config(name: str, overrides: dict | None = None):
-  """The method's config from configs/methods/<name>.py (None if it has none), with overrides applied."""
+  """The method's config from configs/methods/<name>.py (None if it has none), with overrides applied.
+
+  A missing `configs` package is an error, not "no config": every method would silently fall back to its
+  code defaults (a script run from outside the repository without dqjax installed)."""
   import importlib
   try:
     mod = importlib.import_module(f"configs.methods.{name}")
-  except ModuleNotFoundError:
+  except ModuleNotFoundError as e:
+    if e.name != f"configs.methods.{name}":
+      raise ModuleNotFoundError(f"the method configs (package `configs.methods`) are not importable: {e}. "
+                                "Install dqjax (pip install -e .; it ships `configs`) or run from the "
+                                "repository root") from e
     cfg = None
   else:
     cfg = mod.get_config()
