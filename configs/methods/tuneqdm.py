@@ -15,7 +15,7 @@ def get_config():
   c.order = "trajectory"            # one timestep per batch (the expert is chosen per forward)
   c.lr = 3e-4                       # on relative scales (r_out, δ_in start at 1): a 0.03 % step at any bit width
   c.lr_bias = 1e-4                  # absolute (biases are not relative); only with train_bias
-  c.lr_act = 1e-5                   # absolute activation step sizes (≈ 0.02 at 8 bits): ≈ 0.05 % a step
+  c.lr_act = 1e-5                   # absolute activation step sizes; 1e-4 cost 8-bit fidelity (see the docstring)
   c.paper_steps = 400
   c.paper_lr = 3e-6                 # constant, batch 1, DreamBooth noise-prediction loss
   c.seed = 0
