@@ -6,7 +6,7 @@ survey-style tables, image grids and per-row metrics into a run directory (resum
   python -m experiments.bench --config=configs/bench/quick.py --config.methods='("minmax","mse")' \
       --config.settings='("W4A8",)' --workdir=runs/mine
   python -m experiments.bench --config=configs/bench/survey.py --workdir=runs/survey --report_only
-      # tables of the rows finished so far (e.g. by several invocations into one workdir); runs nothing
+      # runs nothing: tables of every row finished in the workdir (by any invocation), coverage of the suite
 """
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/quick", "run directory (resumes 
 _OVERRIDES = flags.DEFINE_string(
     "method_overrides", None, 'JSON {method: {config field: value}} on top of the suite config\'s overrides, '
     'e.g. \'{"tac_qdm": {"mask_keep": 1.0}}\'; rows keep the method\'s name, so give them their own --workdir')
-_REPORT_ONLY = flags.DEFINE_bool("report_only", False, "write the tables of the suite's finished rows; run nothing")
+_REPORT_ONLY = flags.DEFINE_bool("report_only", False, "run nothing: write the tables of every row finished in the "
+                                   "workdir and their coverage of the suite")
 
 
 def _parse_overrides(text: str) -> dict:
@@ -37,16 +38,6 @@ def _parse_overrides(text: str) -> dict:
   if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
     raise app.UsageError("--method_overrides must be a JSON object {method: {field: value}}")
   return value
-
-
-def _row_time_note(rows) -> str:
-  """The suite's cost from the rows themselves (each records its own time), whatever invocation ran them."""
-  timed = [r["row_seconds"] for r in rows if "row_seconds" in r]
-  if not timed:
-    return ""
-  untimed = len(rows) - len(timed)
-  return (f"; the {len(timed)} timed rows took {sum(timed) / 60:.1f} min in all" +
-          (f" ({untimed} older rows carry no time)" if untimed else ""))
 
 
 def main(argv):
@@ -61,12 +52,17 @@ def main(argv):
   if not _REPORT_ONLY.value:
     runner.write_json_atomic(os.path.join(workdir, "config.json"), json.loads(cfg.to_json_best_effort()))
   start = time.perf_counter()
-  rows = runner.run_suite(suite, workdir, run_missing=not _REPORT_ONLY.value)
+  if _REPORT_ONLY.value:
+    rows = runner.load_rows(workdir)    # every finished row, also those of other invocations' settings
+  else:
+    rows = runner.run_suite(suite, workdir)
   wall = time.perf_counter() - start
   header = (f"# {cfg.get('title', 'dqjax benchmark')}\n\nMachine: {platform.machine()}, "
             f"{os.cpu_count()} CPU cores; date {time.strftime('%Y-%m-%d')}; wall time of this invocation "
-            f"{wall:.0f} s (rows resumed from an earlier run are not re-timed)" + _row_time_note(rows) + ".")
-  paths = report.write_reports(rows, workdir, header=header)
+            f"{wall:.0f} s (rows resumed from an earlier run are not re-timed; each row's own time is in the "
+            "last table).")
+  paths = report.write_reports(rows, workdir, header=header, planned=runner.planned_rows(suite),
+                               workers=suite.workers)
   runner.write_json_atomic(os.path.join(workdir, "metrics.json"), {"rows": rows, "wall_seconds": wall})
   print(open(paths["markdown"]).read())
   print(f"wrote {paths['markdown']}, {paths['csv']} and grids under {workdir}/grids ({wall:.0f} s)")

@@ -51,11 +51,12 @@ def test_tiny_suite_end_to_end_and_resume(tmp_path):
   again = runner.run_suite(suite, str(tmp_path))                 # resumes: nothing recomputed
   assert os.path.getmtime(runner.row_path(str(tmp_path), "ldm-mnist", "minmax", "W8A8")) == mtime
   assert [r["fid"] for r in again] == [r["fid"] for r in rows]
-  # report-only: a suite with one more setting returns the finished rows and runs nothing
+  # report-only reads the finished rows; a wider suite's coverage names the row it lacks
   wider = runner.suite_from_config(_cfg(settings=("W8A8", "W4A8"), **small))
-  done = runner.run_suite(wider, str(tmp_path), run_missing=False)
-  assert [(r["method"], r["setting"]) for r in done] == [("fp", "FP"), ("minmax", "W8A8")]
-  assert not os.path.exists(runner.row_path(str(tmp_path), "ldm-mnist", "minmax", "W4A8"))
+  done = runner.load_rows(str(tmp_path))
+  assert sorted((r["method"], r["setting"]) for r in done) == [("fp", "FP"), ("minmax", "W8A8")]
+  coverage = report.coverage_table(done, runner.planned_rows(wider))
+  assert coverage.startswith("2 of the suite's 3 rows measured.") and "- ldm-mnist (1): minmax W4A8" in coverage
   # workers=2, resuming a workdir that has only the FP row (as an interrupted run leaves it): the FP row is
   # kept, the quantized rows run in two spawned processes and equal the serial rows bit for bit
   fp_row = runner.row_path(str(tmp_path / "workers"), "ldm-mnist", "fp", "FP")
@@ -115,6 +116,29 @@ def test_winners_table_ranks_by_paired_psnr_and_shows_the_baseline():
   assert lines[3] == ("| ldm-mnist | W4A8 | 4 | tfmq_dm 24.10 dB / 6.00 | ptqd 22.10 dB / 5.50 | "
                       "minmax 12.20 dB / 17.90 | minmax 12.20 dB / 17.90 | ptqd 22.10 dB / 5.50 |")
   assert report.winners_table(rows[:1]) == ""
+
+
+def test_coverage_and_cost_tables_count_planned_measured_and_missing_rows():
+  row = lambda model, method, setting, sec, **kw: dict(model=model, method=method, setting=setting, row_seconds=sec, **kw)
+  rows = [row("ldm-mnist", "fp", "FP", 60), row("ldm-mnist", "minmax", "W8A8", 120),
+          row("ldm-mnist", "q_diffusion", "W8A8", 600), row("ddpm-mnist", "q_diffusion", "W8A8", 1800),
+          row("ldm-mnist", "minmax", "W8A4", 90), dict(model="ldm-mnist", method="bidm", setting="W8A8", error="W1A1 only")]
+  planned = [("ldm-mnist", "fp", "FP"), ("ldm-mnist", "minmax", "W8A8"), ("ldm-mnist", "q_diffusion", "W8A8"),
+             ("ldm-mnist", "q_diffusion", "W4A8"), ("ldm-mnist", "bidm", "W8A8"), ("ddpm-mnist", "q_diffusion", "W8A8"),
+             ("ddpm-mnist", "minmax", "W8A8")]
+  coverage = report.coverage_table(rows, planned).splitlines()
+  assert coverage[0] == ("4 of the suite's 7 rows measured, 1 refused or failed; 1 further row in this directory "
+                         "(other settings or methods) is in the tables too.")
+  assert "| ldm-mnist | 1/1 | 2/3 | 0/1 |" in coverage          # FP, W8A8 (bidm refused), W4A8
+  assert coverage[-2:] == ["- ldm-mnist (1): q_diffusion W4A8", "- ddpm-mnist (1): minmax W8A8"]
+  assert report.coverage_table(rows, planned[:3]) == "3 of the suite's 3 rows measured; 2 further rows in this directory (other settings or methods) are in the tables too.\n"
+  cost = report.cost_table(rows, planned, workers=2).splitlines()
+  assert cost[2] == "| q_diffusion | 2 | 30.0 | 10.0 | 40.0 |"   # most expensive first; ddpm-mnist, ldm-mnist
+  # missing: q_diffusion W4A8 on ldm-mnist ≈ its W8A8 row (10 min), minmax on ddpm-mnist ≈ minmax elsewhere (1.75)
+  assert cost[-1].startswith("The 5 timed rows took 0.7 process-hours (mean 8.9 min per row). The 2 rows not yet "
+                             "run need about 0.2 process-hours more")
+  assert "(≈ 0.1 h of wall time in 2 processes)" in cost[-1]
+  assert report.cost_table([dict(model="m", method="x", setting="W8A8")]) == ""
 
 
 def test_method_config_refuses_a_missing_configs_package(monkeypatch):

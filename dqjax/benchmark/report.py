@@ -93,6 +93,84 @@ def winners_table(rows: Sequence[dict]) -> str:
   return "\n".join(out) + "\n"
 
 
+def _setting_key(setting: str):
+  return SETTING_ORDER.get(setting, 10), setting
+
+
+def coverage_table(rows: Sequence[dict], planned: Sequence[tuple[str, str, str]]) -> str:
+  """How much of a suite's plan the rows cover: one sentence when it is complete; otherwise measured /
+  planned per model and setting and the missing rows, so that a partial table says what it lacks."""
+  key = lambda r: (r["model"], r["method"], r["setting"])
+  measured = {key(r) for r in rows if not r.get("error")}
+  failed = {key(r) for r in rows if r.get("error")}
+  plan = list(dict.fromkeys(planned))
+  done = [k for k in plan if k in measured]
+  extra = len(measured - set(plan))
+  out = [f"{len(done)} of the suite's {len(plan)} rows measured" +
+         (f", {sum(k in failed for k in plan)} refused or failed" if failed & set(plan) else "") +
+         (f"; {extra} further row{'s' * (extra != 1)} in this directory (other settings or methods) "
+          f"{'are' if extra != 1 else 'is'} in the tables too" if extra else "")
+         + "."]
+  missing = [k for k in plan if k not in measured and k not in failed]
+  if not missing:
+    return out[0] + "\n"
+  settings = sorted({s for _, _, s in plan}, key=_setting_key)
+  out += ["", "| Model | " + " | ".join(settings) + " |", "|---|" + "---|" * len(settings)]
+  for model in dict.fromkeys(m for m, _, _ in plan):
+    cells = []
+    for setting in settings:
+      want = [k for k in plan if k[0] == model and k[2] == setting]
+      cells.append(f"{sum(k in measured for k in want)}/{len(want)}" if want else "–")
+    out.append(f"| {model} | " + " | ".join(cells) + " |")
+  out += ["", "Not yet run:", ""]
+  for model in dict.fromkeys(m for m, _, _ in missing):
+    by_method: dict[str, list[str]] = {}
+    for m, method, setting in missing:
+      if m == model:
+        by_method.setdefault(method, []).append(setting)
+    out.append(f"- {model} ({sum(len(v) for v in by_method.values())}): " +
+               "; ".join(f"{method} {', '.join(v)}" for method, v in by_method.items()))
+  return "\n".join(out) + "\n"
+
+
+def cost_table(rows: Sequence[dict], planned: Sequence[tuple[str, str, str]] = (), workers: int = 1) -> str:
+  """Where a suite's time goes: process-minutes of each method's rows per model (each row records its own
+  time: quantization + sampling + metrics), the total, and — for rows of `planned` not yet measured — an
+  estimate from the same method on the same model (else the same method, else all rows)."""
+  timed = [r for r in rows if r.get("row_seconds") is not None]
+  if not timed:
+    return ""
+  models = sorted({r["model"] for r in timed})
+  minutes: dict[tuple[str, str], list[float]] = {}
+  for r in timed:
+    minutes.setdefault((r["method"], r["model"]), []).append(r["row_seconds"] / 60)
+  methods = sorted({m for m, _ in minutes}, key=lambda m: (-sum(sum(v) for (mm, _), v in minutes.items() if mm == m), m))
+  out = ["| Method | rows | " + " | ".join(models) + " | total (min) |", "|---|---|" + "---|" * (len(models) + 1)]
+  for method in methods:
+    cells = [sum(minutes.get((method, model), [])) for model in models]
+    n = sum(len(minutes.get((method, model), [])) for model in models)
+    out.append(f"| {method} | {n} | " + " | ".join(f"{c:.1f}" if c else "–" for c in cells) + f" | {sum(cells):.1f} |")
+  total = sum(r["row_seconds"] for r in timed) / 3600
+  out += ["", f"The {len(timed)} timed rows took {total:.1f} process-hours "
+              f"(mean {60 * total / len(timed):.1f} min per row)."]
+  measured = {(r["model"], r["method"], r["setting"]) for r in rows}
+  missing = [k for k in dict.fromkeys(planned) if k not in measured]
+  if missing:
+    mean = lambda v: sum(v) / len(v)
+    overall = mean([r["row_seconds"] / 60 for r in timed])
+
+    def guess(model: str, method: str) -> float:
+      if (method, model) in minutes:
+        return mean(minutes[(method, model)])
+      same_method = [x for (m, _), v in minutes.items() if m == method for x in v]
+      return mean(same_method) if same_method else overall
+
+    left = sum(guess(model, method) for model, method, _ in missing) / 60
+    out[-1] += (f" The {len(missing)} rows not yet run need about {left:.1f} process-hours more, estimated from "
+                f"the same method's rows (≈ {left / max(workers, 1):.1f} h of wall time in {workers} processes).")
+  return "\n".join(out) + "\n"
+
+
 def csv_table(rows: Sequence[dict]) -> str:
   keys = ["model", "family", "method", "setting", "w_bits", "a_bits"] + [c[1] for c in COLUMNS[2:]] + [
       "quant_seconds", "row_seconds", "num_samples"]
@@ -129,14 +207,18 @@ def save_grid(images: np.ndarray, path: str, ncol: int = 8) -> str:
   return path
 
 
-def write_reports(rows: Sequence[dict], workdir: str, *, header: str = "") -> dict:
-  """tables.md (the ranking by paired PSNR first, then one table per model) and table.csv in the workdir;
-  returns their paths."""
+def write_reports(rows: Sequence[dict], workdir: str, *, header: str = "",
+                  planned: Sequence[tuple[str, str, str]] = (), workers: int = 1) -> dict:
+  """tables.md (the ranking by paired PSNR first, the coverage of the `planned` rows, one table per model,
+  then where the time went) and table.csv in the workdir; returns their paths."""
   md = os.path.join(workdir, "tables.md")
   cs = os.path.join(workdir, "table.csv")
   ranking = winners_table(rows)
+  cost = cost_table(rows, planned, workers)
   with open(md, "w") as f:
-    f.write(header + "\n\n" + (f"### Which method wins\n\n{ranking}\n" if ranking else "") + markdown_table(rows))
+    f.write(header + "\n\n" + (f"### Which method wins\n\n{ranking}\n" if ranking else "") +
+            (f"### Coverage\n\n{coverage_table(rows, planned)}\n" if planned else "") + markdown_table(rows) +
+            (f"\n### Where the time goes (process-minutes per model)\n\n{cost}" if cost else ""))
   with open(cs, "w") as f:
     f.write(csv_table(rows))
   return {"markdown": md, "csv": cs}

@@ -267,18 +267,35 @@ def row_path(workdir: str, model: str, method: str, setting: str) -> str:
   return os.path.join(workdir, "rows", f"{model}__{method}__{setting}.json")
 
 
-def run_suite(suite: SuiteConfig, workdir: str, *, run_missing: bool = True) -> list[dict]:
-  """Run every row not already in `workdir` and return all rows (done before + now), in suite order. With
-  run_missing=False nothing runs: the rows already in `workdir` are returned."""
+def planned_rows(suite: SuiteConfig) -> list[tuple[str, str, str]]:
+  """Every (model, method, setting) row of the suite, in the order the suite runs them."""
   from dqjax import zoo
+  return [(m, meth, s) for m in suite.models for meth, s in rows_for(suite, zoo.family_of(m))]
+
+
+def load_rows(workdir: str) -> list[dict]:
+  """Every finished row in `workdir`, whichever suites or invocations wrote them (sorted by file name)."""
+  rows_dir = os.path.join(workdir, "rows")
+  if not os.path.isdir(rows_dir):
+    return []
+  out = []
+  for name in sorted(os.listdir(rows_dir)):
+    if name.endswith(".json"):
+      with open(os.path.join(rows_dir, name)) as f:
+        out.append(json.load(f))
+  return out
+
+
+def run_suite(suite: SuiteConfig, workdir: str) -> list[dict]:
+  """Run every row not already in `workdir` and return all rows (done before + now), in suite order."""
   os.makedirs(os.path.join(workdir, "rows"), exist_ok=True)
-  todo = [(m, meth, s) for m in suite.models for meth, s in rows_for(suite, zoo.family_of(m))]
+  todo = planned_rows(suite)
   done = {}
   for key in todo:
     if os.path.exists(row_path(workdir, *key)):
       with open(row_path(workdir, *key)) as f:
         done[key] = json.load(f)
-  pending = [key for key in todo if key not in done] if run_missing else []
+  pending = [key for key in todo if key not in done]
   bar = tqdm(total=len(pending), desc="bench", unit="row")
 
   def finish(key, row, images):
