@@ -135,8 +135,8 @@ def coverage_table(rows: Sequence[dict], planned: Sequence[tuple[str, str, str]]
 
 def cost_table(rows: Sequence[dict], planned: Sequence[tuple[str, str, str]] = (), workers: int = 1) -> str:
   """Where a suite's time goes: process-minutes of each method's rows per model (each row records its own
-  time: quantization + sampling + metrics), the total, and — for rows of `planned` not yet measured — an
-  estimate from the same method on the same model (else the same method, else all rows)."""
+  time: quantization + sampling + metrics), the total, and the cost of the whole `planned` suite, rows without
+  a time estimated from the same method on the same model (else the same method, else all rows)."""
   timed = [r for r in rows if r.get("row_seconds") is not None]
   if not timed:
     return ""
@@ -153,9 +153,9 @@ def cost_table(rows: Sequence[dict], planned: Sequence[tuple[str, str, str]] = (
   total = sum(r["row_seconds"] for r in timed) / 3600
   out += ["", f"The {len(timed)} timed rows took {total:.1f} process-hours "
               f"(mean {60 * total / len(timed):.1f} min per row)."]
-  measured = {(r["model"], r["method"], r["setting"]) for r in rows}
-  missing = [k for k in dict.fromkeys(planned) if k not in measured]
-  if missing:
+  timed_keys = {(r["model"], r["method"], r["setting"]) for r in timed}
+  unknown = [k for k in dict.fromkeys(planned) if k not in timed_keys]    # not run yet, or run without a time
+  if unknown:
     mean = lambda v: sum(v) / len(v)
     overall = mean([r["row_seconds"] / 60 for r in timed])
 
@@ -165,9 +165,11 @@ def cost_table(rows: Sequence[dict], planned: Sequence[tuple[str, str, str]] = (
       same_method = [x for (m, _), v in minutes.items() if m == method for x in v]
       return mean(same_method) if same_method else overall
 
-    left = sum(guess(model, method) for model, method, _ in missing) / 60
-    out[-1] += (f" The {len(missing)} rows not yet run need about {left:.1f} process-hours more, estimated from "
-                f"the same method's rows (≈ {left / max(workers, 1):.1f} h of wall time in {workers} processes).")
+    whole = (sum(r["row_seconds"] for r in timed if (r["model"], r["method"], r["setting"]) in set(planned)) / 60 +
+             sum(guess(model, method) for model, method, _ in unknown)) / 60
+    out[-1] += (f" The whole suite ({len(set(planned))} rows) needs about {whole:.1f} process-hours — the {len(unknown)} "
+                f"rows without a time (not yet run, or measured before rows were timed) estimated from the same "
+                f"method's rows — ≈ {whole / max(workers, 1):.1f} h of wall time in {workers} processes.")
   return "\n".join(out) + "\n"
 
 
