@@ -298,18 +298,23 @@ def percentile_from_hist(hist: Array, lo, hi, q: float = 99.99) -> tuple[Array, 
   return at((100.0 - q) / 100.0), at(q / 100.0)
 
 
+def _bin_centres(hist: Array, lo, hi) -> tuple[Array, Array, Array, Array, Array]:
+  """A histogram over [lo, hi] as float32 (counts, lo, hi, bin width, bin centres)."""
+  h = hist.astype(jnp.float32)
+  lo = jnp.asarray(lo, jnp.float32)
+  hi = jnp.asarray(hi, jnp.float32)
+  width = jnp.maximum((hi - lo) / h.shape[0], 1e-30)
+  return h, lo, hi, width, lo + width * (jnp.arange(h.shape[0], dtype=jnp.float32) + 0.5)
+
+
 def fold_abs_hist(hist: Array, lo, hi) -> tuple[Array, Array]:
   """Fold a signed histogram over [lo, hi] into an |x| histogram over [0, bins·w]: (counts, w).
 
   The |x| bins are as wide as the signed ones — an exact mirror when lo = −hi, as `kl_range` builds it —
   or wider when [lo, hi] does not reach far below zero, so that [0, max(|lo|, |hi|)] always fits. A signed
   bin goes to the |x| bin holding |its centre|: off by at most one bin otherwise."""
-  h = hist.astype(jnp.float32)
+  h, lo, hi, width, centers = _bin_centres(hist, lo, hi)
   bins = h.shape[0]
-  lo = jnp.asarray(lo, jnp.float32)
-  hi = jnp.asarray(hi, jnp.float32)
-  width = jnp.maximum((hi - lo) / bins, 1e-30)
-  centers = lo + width * (jnp.arange(bins, dtype=jnp.float32) + 0.5)
   top = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
   a_width = jnp.maximum(width, top / bins)
   idx = jnp.clip(jnp.floor(jnp.abs(centers) / a_width), 0, bins - 1).astype(jnp.int32)
@@ -390,12 +395,8 @@ def kl_from_hist(hist: Array, lo, hi, spec: QuantSpec, num_candidates: int = 128
   - asymmetric int: both ends are searched on a √C × √C grid (lo·r₁, hi·r₂);
   - binary: no clipping to choose; returns ±(histogram estimate of mean|x|), the L2-optimal binary scale.
   """
-  h = hist.astype(jnp.float32)
+  h, lo, hi, width, centers = _bin_centres(hist, lo, hi)
   bins = h.shape[0]
-  lo = jnp.asarray(lo, jnp.float32)
-  hi = jnp.asarray(hi, jnp.float32)
-  width = jnp.maximum((hi - lo) / bins, 1e-30)
-  centers = lo + width * (jnp.arange(bins, dtype=jnp.float32) + 0.5)
   mode = _kl_mode(spec)
   if mode == "binary":
     m = jnp.sum(h * jnp.abs(centers)) / jnp.maximum(jnp.sum(h), 1.0)
