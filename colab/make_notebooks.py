@@ -57,7 +57,9 @@ if SMALL:
 suite = runner.suite_from_config(cfg)
 workdir = tempfile.mkdtemp()
 rows = runner.run_suite(suite, workdir)
-display(Markdown(report.markdown_table(rows)))'''),
+display(Markdown("### Which method wins (paired PSNR vs FP / FID)\\n\\n" + report.winners_table(rows)))
+display(Markdown(report.markdown_table(rows)))
+display(Markdown("### Where the time goes (process-minutes per model)\\n\\n" + report.cost_table(rows)))'''),
 ]
 
 ANALYSIS = [
@@ -89,11 +91,14 @@ print(errors.sensitivity_table(sens[:10]))'''),
 def write(name, cells):
   nb = nbf.v4.new_notebook()
   nb.cells = [nbf.v4.new_markdown_cell(src) if kind == "md" else nbf.v4.new_code_cell(src) for kind, src in cells]
+  for i, cell in enumerate(nb.cells):
+    cell.id = f"{name}-{i}"             # stable ids: regenerating an unchanged notebook changes nothing
   nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
   nbf.write(nb, os.path.join(HERE, f"{name}.ipynb"))
 
 
+NOTEBOOKS = {"quickstart": QUICKSTART, "benchmark": BENCHMARK, "analysis": ANALYSIS}
+
 if __name__ == "__main__":
-  write("quickstart", QUICKSTART)
-  write("benchmark", BENCHMARK)
-  write("analysis", ANALYSIS)
+  for name, cells in NOTEBOOKS.items():
+    write(name, cells)
