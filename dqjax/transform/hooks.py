@@ -187,18 +187,21 @@ def _taq_call(next_fun, args, kwargs, op, st, t):
 
 
 def _shortcut(x, out, module, st):
-  """|γ|·shortcut(x) shaped like `out` (NHWC convolutions only)."""
+  """|γ|·shortcut(x) shaped like `out` (NHWC convolutions only). A downsampling conv's input can be one row and
+  column larger than stride × output (diffusers' Downsample2D with padding=0 pads right/bottom first, as in
+  DDPM's CIFAR-10 U-Net): the shortcut pools the top-left stride × output window, dropping that padding."""
   ex = st.extra["shortcut"]
   h = x
+  oh, ow = out.shape[1], out.shape[2]
   if "kernel" in ex:
     _, s, _ = _conv_geometry(module)
-    h = h[:, ::s[0], ::s[1], :] if h.ndim == 4 else h
+    h = h[:, ::s[0], ::s[1], :][:, :oh, :ow] if h.ndim == 4 else h
     h = h @ ex["kernel"]
-  elif h.shape[1] > out.shape[1]:
-    f = h.shape[1] // out.shape[1]
-    b, hh, ww, c = h.shape
-    h = h.reshape(b, hh // f, f, ww // f, f, c).mean(axis=(2, 4))
-  elif h.shape[1] < out.shape[1]:
+  elif h.shape[1] > oh:
+    fh, fw = h.shape[1] // oh, h.shape[2] // ow
+    b, c = h.shape[0], h.shape[-1]
+    h = h[:, :oh * fh, :ow * fw].reshape(b, oh, fh, ow, fw, c).mean(axis=(2, 4))
+  elif h.shape[1] < oh:
     f = out.shape[1] // h.shape[1]
     h = jnp.repeat(jnp.repeat(h, f, axis=1), f, axis=2)
   return jnp.abs(ex["gamma"]) * h.astype(out.dtype)

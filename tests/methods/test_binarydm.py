@@ -7,7 +7,7 @@ from dqjax.methods import binarydm, recipe
 from dqjax.transform import apply as qapply
 from dqjax.transform import hooks
 from tests.methods.qat_nets import run
-from tests.methods.unet_ptq_nets import tiny_unet
+from tests.methods.unet_ptq_nets import TINY, tiny_unet
 
 
 def test_binarydm_multi_basis_levels_and_progressive_gates():
@@ -46,3 +46,25 @@ def test_binarydm_training_with_low_rank_mimicking():
   assert float(st.extra["shortcut"]["gamma"]) != 0.3                      # the shortcut scale learned
   out = jax.jit(lambda *a: qm.apply(*a))(jnp.ones((2, 8, 8, 1)), jnp.full((2,), 300.0))
   assert bool(jnp.all(jnp.isfinite(out)))
+
+
+def test_binarydm_shortcut_around_a_right_padded_downsampler():
+  """DDPM's CIFAR-10 U-Net (and ddpm-mnist) downsample with padding=0: the stride-2 conv sees a 9×9 input for a
+  4×4 output; the shortcut pools the 8×8 top-left window (it failed with a reshape error before)."""
+  import dataclasses
+  from dqjax import models
+  model = models.UNet2DModel(dataclasses.replace(TINY, downsample_padding=0))
+  x, t = jnp.zeros((2, 8, 8, 2)), jnp.full((2,), 500.0)
+  params = jax.jit(model.init)(jax.random.key(0), x, t)["params"]
+  rec = recipe.build("binarydm", None)
+  qm = recipe.prepare(model, params, rec.rules(1, 16, "unet"), (x, t, None))   # float activations: no calibration
+  path = "down_blocks_0/downsamplers_0/conv"
+  assert qm.plan[path].info.input_shapes[0][1:3] == (9, 9)
+  qm = binarydm.binarize(qm, shortcut_gamma=0.5)           # shortcuts on every binary conv, γ = 0.5
+  xin = jax.random.normal(jax.random.key(1), (2, 9, 9, 8))
+  out = jnp.zeros((2, 4, 4, 8))
+  got = hooks._shortcut(xin, out, None, qm.qstate[path])
+  want = 0.5 * np.asarray(xin)[:, :8, :8].reshape(2, 4, 2, 4, 2, 8).mean(axis=(2, 4))
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)   # float32 mean vs float64
+  y = jax.jit(lambda *a: qm.apply(*a))(jax.random.normal(jax.random.key(2), (2, 8, 8, 2)), t)
+  assert y.shape == (2, 8, 8, 2) and bool(jnp.all(jnp.isfinite(y)))
