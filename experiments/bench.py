@@ -57,10 +57,11 @@ def main(argv):
   else:
     rows = runner.run_suite(suite, workdir)
   wall = time.perf_counter() - start
+  ran = ("tables written from the finished rows (--report_only); each row's own time is in the last table"
+         if _REPORT_ONLY.value else f"wall time of this invocation {wall:.0f} s (rows resumed from an earlier run "
+         "are not re-timed; each row's own time is in the last table)")
   header = (f"# {cfg.get('title', 'dqjax benchmark')}\n\nMachine: {platform.machine()}, "
-            f"{os.cpu_count()} CPU cores; date {time.strftime('%Y-%m-%d')}; wall time of this invocation "
-            f"{wall:.0f} s (rows resumed from an earlier run are not re-timed; each row's own time is in the "
-            "last table).")
+            f"{os.cpu_count()} CPU cores; date {time.strftime('%Y-%m-%d')}; {ran}.")
   paths = report.write_reports(rows, workdir, header=header, planned=runner.planned_rows(suite),
                                workers=suite.workers)
   runner.write_json_atomic(os.path.join(workdir, "metrics.json"), {"rows": rows, "wall_seconds": wall})

@@ -136,9 +136,10 @@ def test_coverage_and_cost_tables_count_planned_measured_and_missing_rows():
   assert cost[2] == "| q_diffusion | 2 | 30.0 | 10.0 | 40.0 |"   # most expensive first; ddpm-mnist, ldm-mnist
   # whole plan: the 4 timed planned rows (43 min), bidm (refused, no time: all rows' mean 8.9), q_diffusion W4A8
   # on ldm-mnist ≈ its W8A8 row (10), minmax on ddpm-mnist ≈ minmax elsewhere (1.75) → 63.6 min
-  assert cost[-1] == ("The 5 timed rows took 0.7 process-hours (mean 8.9 min per row). The whole suite (7 rows) "
+  assert cost[-1] == ("The 5 timed rows took 44 process-minutes (mean 8.9 min per row). The whole suite (7 rows) "
                       "needs about 1.1 process-hours — the 3 rows without a time (not yet run, or measured before "
-                      "rows were timed) estimated from the same method's rows — ≈ 0.5 h of wall time in 2 processes.")
+                      "rows were timed) estimated from the same method's rows — ≈ 32 minutes of wall time in 2 "
+                      "processes.")
   assert report.cost_table([dict(model="m", method="x", setting="W8A8")]) == ""
 
 

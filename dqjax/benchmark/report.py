@@ -133,6 +133,10 @@ def coverage_table(rows: Sequence[dict], planned: Sequence[tuple[str, str, str]]
   return "\n".join(out) + "\n"
 
 
+def _hours(h: float, kind: str = "") -> str:
+  return f"{h:.1f} {kind}hours" if h >= 1 else f"{60 * h:.0f} {kind}minutes"
+
+
 def cost_table(rows: Sequence[dict], planned: Sequence[tuple[str, str, str]] = (), workers: int = 1) -> str:
   """Where a suite's time goes: process-minutes of each method's rows per model (each row records its own
   time: quantization + sampling + metrics), the total, and the cost of the whole `planned` suite, rows without
@@ -151,7 +155,7 @@ def cost_table(rows: Sequence[dict], planned: Sequence[tuple[str, str, str]] = (
     n = sum(len(minutes.get((method, model), [])) for model in models)
     out.append(f"| {method} | {n} | " + " | ".join(f"{c:.1f}" if c else "–" for c in cells) + f" | {sum(cells):.1f} |")
   total = sum(r["row_seconds"] for r in timed) / 3600
-  out += ["", f"The {len(timed)} timed rows took {total:.1f} process-hours "
+  out += ["", f"The {len(timed)} timed rows took {_hours(total, 'process-')} "
               f"(mean {60 * total / len(timed):.1f} min per row)."]
   timed_keys = {(r["model"], r["method"], r["setting"]) for r in timed}
   unknown = [k for k in dict.fromkeys(planned) if k not in timed_keys]    # not run yet, or run without a time
@@ -167,9 +171,9 @@ def cost_table(rows: Sequence[dict], planned: Sequence[tuple[str, str, str]] = (
 
     whole = (sum(r["row_seconds"] for r in timed if (r["model"], r["method"], r["setting"]) in set(planned)) / 60 +
              sum(guess(model, method) for model, method, _ in unknown)) / 60
-    out[-1] += (f" The whole suite ({len(set(planned))} rows) needs about {whole:.1f} process-hours — the {len(unknown)} "
-                f"rows without a time (not yet run, or measured before rows were timed) estimated from the same "
-                f"method's rows — ≈ {whole / max(workers, 1):.1f} h of wall time in {workers} processes.")
+    out[-1] += (f" The whole suite ({len(set(planned))} rows) needs about {_hours(whole, 'process-')} — the "
+                f"{len(unknown)} rows without a time (not yet run, or measured before rows were timed) estimated from "
+                f"the same method's rows — ≈ {_hours(whole / max(workers, 1))} of wall time in {workers} processes.")
   return "\n".join(out) + "\n"
 
 
