@@ -158,6 +158,7 @@ def cost_table(rows: Sequence[dict], planned: Sequence[tuple[str, str, str]] = (
   out += ["", f"The {len(timed)} timed rows took {_hours(total, 'process-')} "
               f"(mean {60 * total / len(timed):.1f} min per row)."]
   timed_keys = {(r["model"], r["method"], r["setting"]) for r in timed}
+  plan = set(planned)
   unknown = [k for k in dict.fromkeys(planned) if k not in timed_keys]    # not run yet, or run without a time
   if unknown:
     mean = lambda v: sum(v) / len(v)
@@ -169,9 +170,9 @@ def cost_table(rows: Sequence[dict], planned: Sequence[tuple[str, str, str]] = (
       same_method = [x for (m, _), v in minutes.items() if m == method for x in v]
       return mean(same_method) if same_method else overall
 
-    whole = (sum(r["row_seconds"] for r in timed if (r["model"], r["method"], r["setting"]) in set(planned)) / 60 +
+    whole = (sum(r["row_seconds"] for r in timed if (r["model"], r["method"], r["setting"]) in plan) / 60 +
              sum(guess(model, method) for model, method, _ in unknown)) / 60
-    out[-1] += (f" The whole suite ({len(set(planned))} rows) needs about {_hours(whole, 'process-')} — the "
+    out[-1] += (f" The whole suite ({len(plan)} rows) needs about {_hours(whole, 'process-')} — the "
                 f"{len(unknown)} rows without a time (not yet run, or measured before rows were timed) estimated from "
                 f"the same method's rows — ≈ {_hours(whole / max(workers, 1))} of wall time in {workers} processes.")
   return "\n".join(out) + "\n"
