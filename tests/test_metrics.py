@@ -29,6 +29,21 @@ def test_fid_of_a_set_with_itself_is_zero_and_symmetric():
   assert metrics.sfid(a, b) == metrics.fid(a, b)
 
 
+def test_distance_to_reference_from_features_equals_the_statistics_form():
+  """The N × N form (fewer samples than dimensions) is the same number as the D × D eigenvalue form."""
+  rng = np.random.default_rng(2)
+  ref = rng.normal(size=(500, 96)) @ rng.normal(size=(96, 96)) / 10
+  mu, sigma = metrics.statistics(ref)
+  for n in (8, 64, 300):                     # 300 > 96: the statistics path
+    f = rng.normal(size=(n, 96)) * 0.8 + 0.2
+    assert metrics.frechet_distance_to_reference(f, mu, sigma) == pytest.approx(
+        metrics.frechet_distance(*metrics.statistics(f), mu, sigma), rel=1e-6)
+  near, far = (metrics.frechet_distance_to_reference(x[:50], mu, sigma) for x in (ref, f))
+  assert near < far
+  with pytest.raises(ValueError, match="features .*mu .*sigma"):
+    metrics.frechet_distance_to_reference(f[:, :10], mu, sigma)
+
+
 def test_rank_deficient_covariances_fall_back_instead_of_failing():
   """Fewer samples than dimensions: ADM may raise on the complex sqrtm; we warn and use the symmetric form."""
   rng = np.random.default_rng(1)
@@ -201,8 +216,8 @@ def test_fid_grows_monotonically_with_noise(heldout):
   fids, sfids = [], []
   for sigma in (0.0, 0.1, 0.25, 0.5, 1.0):
     f = feats(np.clip(x + sigma * noise, -1, 1))
-    fids.append(metrics.frechet_distance(*metrics.statistics(f["pool"]), ref["mu"], ref["sigma"]))
-    sfids.append(metrics.frechet_distance(*metrics.statistics(f["spatial"]), ref["mu_s"], ref["sigma_s"]))
+    fids.append(metrics.frechet_distance_to_reference(f["pool"], ref["mu"], ref["sigma"]))
+    sfids.append(metrics.frechet_distance_to_reference(f["spatial"], ref["mu_s"], ref["sigma_s"]))
   assert all(a < b for a, b in zip(fids, fids[1:])), fids
   assert all(a < b for a, b in zip(sfids, sfids[1:])), sfids
   assert fids[-1] > 20 * fids[0]

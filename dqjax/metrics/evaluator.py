@@ -2,8 +2,9 @@
 
 It plays the role of the FID Inception network in the survey's metrics (ADM evaluator semantics):
 
-  pool     global-average-pooled last conv map (128-d), the analogue of Inception's pool_3: FID, P/R;
-  spatial  the first 7 channels of the penultimate-resolution map (8×8), flattened to 448-d, the analogue
+  pool     the 128-d feature under the head (a dense layer on the global-average-pooled last conv map), the
+           analogue of Inception's pool_3: FID, P/R;
+  spatial  the first 7 channels of the penultimate-resolution map (16×16), flattened to 1792-d, the analogue
            of ADM's `mixed_6/conv[..., :7]` (17×17 of Inception's 17/8 pyramid): sFID;
   logits   a linear head on `pool` (10 classes), as Inception's logits are linear in pool_3: IS and the
            conditional accuracy that stands in for the CLIP score.
@@ -29,7 +30,8 @@ IMAGE_SHAPE = (32, 32, 1)
 
 
 class DigitClassifier(nn.Module):
-  """conv32 → conv64 (↓2) → conv128 (↓2) → pool → dense128 → 10 logits, GroupNorm + SiLU."""
+  """conv32 → conv64 (↓2) → conv64 (sFID tap) → conv128 (↓2) → conv128 → mean pool → dense128 (FID
+  features) → 10 logits, GroupNorm + SiLU."""
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -58,7 +60,7 @@ def _check_images(images: np.ndarray) -> np.ndarray:
 
 @functools.lru_cache(maxsize=4)
 def load_evaluator(path: str = WEIGHTS, batch_size: int = 500) -> Callable[[np.ndarray], dict]:
-  """`features(images [N,32,32,1] in [-1,1]) -> {'pool': [N,128], 'spatial': [N,448], 'logits': [N,10]}`.
+  """`features(images [N,32,32,1] in [-1,1]) -> {'pool': [N,128], 'spatial': [N,1792], 'logits': [N,10]}`.
 
   One jitted forward of a fixed batch shape (the last batch is zero-padded, so any N compiles once);
   outputs are float32 numpy arrays."""

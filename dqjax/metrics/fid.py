@@ -79,6 +79,30 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6, method: str = 
   return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 
 
+def frechet_distance_to_reference(features: np.ndarray, mu: np.ndarray, sigma: np.ndarray) -> float:
+  """The Fréchet distance of a feature set [N, D] to reference statistics (μ, Σ), computed from the features.
+
+  Why: the set's covariance is Bᵀ B with B = (f − μ_f) / √(N − 1), so the non-zero eigenvalues of
+  √Σ Σ_f √Σ are those of B Σ Bᵀ. With fewer samples than dimensions (256 samples against the sFID's
+  1792) that is an N × N problem instead of two D × D eigendecompositions: the same number to ~1e-7
+  relative (the D × D form also sums the roots of round-off-sized eigenvalues), many times cheaper.
+  With N > D it is `frechet_distance` on the statistics."""
+  f = _features(features, "features")
+  mu = np.atleast_1d(np.asarray(mu, np.float64))
+  sigma = np.atleast_2d(np.asarray(sigma, np.float64))
+  n, d = f.shape
+  if mu.shape != (d,) or sigma.shape != (d, d):
+    raise ValueError(f"shapes disagree: features {f.shape}, mu {mu.shape}, sigma {sigma.shape}; "
+                     "expected [N, D], [D] and [D, D] with the same D")
+  if n > d:
+    return frechet_distance(*statistics(f), mu, sigma)
+  mu_f = f.mean(axis=0)
+  b = (f - mu_f) / np.sqrt(n - 1)
+  lam = np.linalg.eigvalsh(b @ sigma @ b.T)
+  diff = mu_f - mu
+  return float(diff.dot(diff) + np.trace(sigma) + np.sum(b * b) - 2 * np.sqrt(np.clip(lam, 0, None)).sum())
+
+
 def fid(features_a: np.ndarray, features_b: np.ndarray) -> float:
   """FID between two feature sets [N, D] (pooled features; ADM: Inception pool_3)."""
   return frechet_distance(*statistics(features_a), *statistics(features_b))

@@ -5,7 +5,8 @@ from typing import Optional
 
 import numpy as np
 
-from dqjax.metrics.fid import conditional_accuracy, frechet_distance, inception_score, precision_recall, statistics
+from dqjax.metrics.fid import (conditional_accuracy, frechet_distance_to_reference, inception_score,
+                               precision_recall)
 
 IS_SPLIT_SIZE = 5000   # ADM's split size: a benchmark of ≤ 5,000 samples scores IS on one split
 
@@ -27,8 +28,8 @@ def evaluate_samples(images: np.ndarray, labels: Optional[np.ndarray] = None) ->
     raise ValueError(f"labels must be [N] = [{images.shape[0]}]; got shape {np.shape(labels)}")
   f = evaluator.load_evaluator()(images)
   ref = evaluator.reference()
-  out = {"fid": frechet_distance(*statistics(f["pool"]), ref["mu"], ref["sigma"]),
-         "sfid": frechet_distance(*statistics(f["spatial"]), ref["mu_s"], ref["sigma_s"]),
+  out = {"fid": frechet_distance_to_reference(f["pool"], ref["mu"], ref["sigma"]),
+         "sfid": frechet_distance_to_reference(f["spatial"], ref["mu_s"], ref["sigma_s"]),
          "is": inception_score(f["logits"], split_size=IS_SPLIT_SIZE)}
   out["precision"], out["recall"] = precision_recall(ref["pool"], f["pool"])
   if labels is not None:
