@@ -18,12 +18,18 @@ from experiments.demo_core import DemoNet
 from tests.nets import TinyNet
 
 
+def _key(seed):
+  """An RngBitGenerator key: eager random draws compile far faster than threefry's (half of this helper's
+  cold-cache time went to compiling threefry for each init shape); nothing here depends on the generator."""
+  return jax.random.key(seed, impl="unsafe_rbg")
+
+
 def _qm(w_bits, a_bits, model=None, shape=(8, 8, 1), table=tables.TableSpec()):
   model = model or TinyNet()
-  x = jax.random.normal(jax.random.key(0), (4,) + shape)
+  x = jax.random.normal(_key(0), (4,) + shape)
   t = jnp.full((4,), 500.0)
-  params = model.init(jax.random.key(1), x, t)["params"]
-  data = CalibData(jax.random.normal(jax.random.key(2), (3, 16) + shape), jnp.array([800.0, 500.0, 200.0]))
+  params = model.init(_key(1), x, t)["params"]
+  data = CalibData(jax.random.normal(_key(2), (3, 16) + shape), jnp.array([800.0, 500.0, 200.0]))
   qm = recipe.prepare(model, params, standard_rules(w_bits, a_bits), (x, t))
   qm = calibrate.calibrate_weights(qm, "mse")
   return calibrate.calibrate_activations(qm, data, "minmax", table=table), x, t
@@ -97,10 +103,10 @@ def test_checkpoint_errors(tmp_path):
 def test_sharded_calibration_equals_single_device():
   assert len(jax.devices()) == 8
   model = TinyNet()
-  x = jax.random.normal(jax.random.key(0), (4, 8, 8, 1))
+  x = jax.random.normal(_key(0), (4, 8, 8, 1))
   t = jnp.full((4,), 500.0)
-  params = model.init(jax.random.key(1), x, t)["params"]
-  data = CalibData(jax.random.normal(jax.random.key(2), (2, 16, 8, 8, 1)), jnp.array([700.0, 300.0]))
+  params = model.init(_key(1), x, t)["params"]
+  data = CalibData(jax.random.normal(_key(2), (2, 16, 8, 8, 1)), jnp.array([700.0, 300.0]))
   mesh = Mesh(np.array(jax.devices()), ("data",))
   sharded = CalibData(jax.device_put(data.xs, NamedSharding(mesh, P(None, "data"))), data.ts)
   results = []
