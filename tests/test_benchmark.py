@@ -1,11 +1,9 @@
 """The benchmark: config validation before heavy work, an end-to-end tiny suite on a shipped model,
 resume, worker processes, tables."""
 import dataclasses
-import json
 import os
 import shutil
 
-import ml_collections
 import numpy as np
 import pytest
 
@@ -152,3 +150,15 @@ def test_method_config_refuses_a_missing_configs_package(monkeypatch):
   monkeypatch.setattr(importlib, "import_module", no_configs)
   with pytest.raises(ModuleNotFoundError, match="method configs .* are not importable"):
     runner.method_config("tuneqdm")
+
+
+def test_csv_table_names_every_column_once():
+  """survey.csv had two quant_seconds columns (a reader keeps only one of them)."""
+  import csv
+  row = {"model": "m", "family": "baseline", "method": "minmax", "setting": "W8A8", "w_bits": 8, "a_bits": 8,
+         "fid": 1.5, "quant_seconds": 2.0, "row_seconds": 3.0, "num_samples": 16}
+  text = report.csv_table([row])
+  header = text.splitlines()[0].split(",")
+  assert len(header) == len(set(header)) and header.count("quant_seconds") == 1
+  parsed = next(csv.DictReader(text.splitlines()))
+  assert (parsed["quant_seconds"], parsed["row_seconds"], parsed["fid"]) == ("2.0", "3.0", "1.5")

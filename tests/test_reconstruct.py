@@ -1,6 +1,7 @@
 """The BRECQ/AdaRound reconstruction engine on a tiny two-block net."""
+import functools
+
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from dqjax.methods import recipe
 from dqjax.quant.spec import QuantSpec
 from dqjax.transform import apply as qapply
 from dqjax.transform.rules import Rule
+from tests.nets import numpy_params
 
 
 class Blk(nn.Module):
@@ -37,16 +39,22 @@ class TwoBlockNet(nn.Module):
     return nn.Conv(x.shape[-1], (3, 3), name="conv_out")(h)
 
 
+C = 8   # input channels = feature width: conv_in and conv_out are then equal blocks sharing compiled steps
+
+
 def _data(steps=4, n=16, seed=0):
-  xs = jax.random.normal(jax.random.key(seed), (steps, n, 6, 6, 2))
-  return CalibData(xs, jnp.linspace(900.0, 100.0, steps), None, jnp.arange(steps))
+  # numpy draws: every jax.random shape costs seconds of XLA compilation on CPU
+  xs = np.random.default_rng(seed).standard_normal((steps, n, 6, 6, C)).astype(np.float32)
+  return CalibData(jnp.asarray(xs), jnp.asarray(np.linspace(900.0, 100.0, steps, dtype=np.float32)), None,
+                   jnp.asarray(np.arange(steps)))
 
 
+@functools.lru_cache(maxsize=None)   # immutable QModel: tests asking for the same settings share it
 def _qmodel(w_bits, a_bits=None, asym_weights=False):
   model = TwoBlockNet()
-  x = jnp.zeros((2, 6, 6, 2))
+  x = jnp.zeros((2, 6, 6, C))
   t = jnp.full((2,), 500.0)
-  params = model.init(jax.random.key(1), x, t)["params"]
+  params = numpy_params(model, x, t, seed=1)
   act = None if a_bits is None else QuantSpec("int", a_bits, symmetric=False)
   rules = [Rule(".*", weight=QuantSpec("int", w_bits, symmetric=not asym_weights, granularity="channel"),
                 act=act)]
@@ -82,7 +90,8 @@ def test_adaround_reconstruction_beats_nearest_and_stays_on_grid(bits):
   blocks = rc.partition(qm.plan)
   # block error on the inputs the quantized model itself produces (BRECQ's "asym" objective)
   before = {b.path: rc.block_output_error(qm, data, b, asym=True) for b in blocks[1:]}
-  cfg = rc.ReconConfig(iters=300, batch_size=16, lr_w=1e-2, chunk=50, progress=False)
+  # lr 3e-2: the 8-channel net learns more slowly, and at 1e-2 some inits stay above the 0.8 bound
+  cfg = rc.ReconConfig(iters=300, batch_size=16, lr_w=3e-2, chunk=50, progress=False)
   rec = rc.reconstruct(qm, data, blocks, cfg, phase="weights")
   after = {b.path: rc.block_output_error(rec, data, b, asym=True) for b in blocks[1:]}
   for path in before:   # BRECQ must beat rounding-to-nearest on every block after the first layer

@@ -1,5 +1,7 @@
 """AdaRound: the initial soft weight equals the float weight, hard rounding of the init is round-to-nearest,
 the regulariser and the β / λ schedules, and jit / grad safety."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,41 +25,44 @@ def _params(w, spec):
   return qops.minmax_params(wg, spec, qops.weight_reduce_axes(spec, wg.ndim))
 
 
-FQ = jax.jit(qops.fake_quant, static_argnames=("spec",))
-
-
-def _fq(w, qp, spec, v=None, hard=False):
-  off = None if v is None else rnd.adaround_offset(v, hard)
-  return FQ(w, qp, spec=spec, rounding_offset=off)
+# LLVM's optimisations buy nothing on [16, 6] arrays and take half of the compile (IEEE results are the same)
+@functools.partial(jax.jit, static_argnames=("spec",), compiler_options={"xla_backend_optimization_level": 0})
+def _init_case(w, spec):
+  """Everything the init test compares, from one compiled call per spec (eagerly, its ~80 small ops were each
+  compiled on their own, most of the test's CPU): V, h(V), w/s, the grid step, the grid's top and bottom,
+  and the fake-quantized weight with soft, hard and no AdaRound rounding."""
+  qp = _params(w, spec)
+  v = rnd.adaround_init(w, qp, spec)
+  fq = lambda x, off=None: qops.fake_quant(x, qp, spec, rounding_offset=off)
+  return dict(v=v, h=rnd.rectified_sigmoid(v),
+              u=qops.ungroup_view(qops.group_view(w, spec) / qp.scale, spec, w.shape),
+              step=qops.ungroup_view(qops.group_view(jnp.ones_like(w), spec) * qp.scale, spec, w.shape),
+              top=fq(jnp.full_like(w, 1e9)), bottom=fq(jnp.full_like(w, -1e9)),
+              soft=fq(w, rnd.adaround_offset(v, hard=False)), hard=fq(w, rnd.adaround_offset(v, hard=True)),
+              nearest=fq(w))
 
 
 @settings(max_examples=20, deadline=None)
 @given(st.sampled_from(SPECS), st.integers(0, 2 ** 32 - 1))
 def test_init_reproduces_the_float_weight_and_round_to_nearest(spec, seed):
-  w = jnp.asarray(np.random.default_rng(seed).standard_normal((16, 6)).astype(np.float32))
-  qp = _params(w, spec)
-  v = rnd.adaround_init(w, qp, spec)
-  assert v.shape == w.shape and np.all(np.isfinite(np.asarray(v)))
+  w = np.random.default_rng(seed).standard_normal((16, 6)).astype(np.float32)
+  r = {k: np.asarray(a) for k, a in _init_case(jnp.asarray(w), spec).items()}
+  v = r["v"]
+  assert v.shape == w.shape and np.all(np.isfinite(v))
   # h(V) = frac(w/s)
-  u = np.asarray(qops.ungroup_view(qops.group_view(w, spec) / qp.scale, spec, w.shape))
-  frac = u - np.floor(u)
-  np.testing.assert_allclose(np.asarray(rnd.rectified_sigmoid(v)), frac, atol=2e-6)
+  frac = r["u"] - np.floor(r["u"])
+  np.testing.assert_allclose(r["h"], frac, atol=2e-6)
   # soft-quantized weight = float weight inside the grid's range [bottom, top] (min/max parameters leave
   # weights outside it only through the zero point's rounding: half a step at most)
-  step = np.asarray(qops.ungroup_view(qops.group_view(jnp.ones_like(w), spec) * qp.scale, spec, w.shape))
-  top = np.asarray(_fq(jnp.full_like(w, 1e9), qp, spec))
-  bottom = np.asarray(_fq(jnp.full_like(w, -1e9), qp, spec))
-  soft = np.asarray(_fq(w, qp, spec, v, hard=False))
-  err = np.abs(soft - np.asarray(w))
-  inside = (np.asarray(w) >= bottom) & (np.asarray(w) <= top)
+  step = r["step"]
+  err = np.abs(r["soft"] - w)
+  inside = (w >= r["bottom"]) & (w <= r["top"])
   assert inside.mean() > 0.5
   assert np.all(err[inside] <= 1e-5 * step[inside] + 1e-6)
   assert np.all(err <= 0.5 * step + 1e-6)
   # hard rounding of the initial V is round-to-nearest (away from exact ties)
-  hard = np.asarray(_fq(w, qp, spec, v, hard=True))
-  nearest = np.asarray(_fq(w, qp, spec))
   away = np.abs(frac - 0.5) > 1e-4
-  np.testing.assert_array_equal(hard[away], nearest[away])
+  np.testing.assert_array_equal(r["hard"][away], r["nearest"][away])
 
 
 def test_init_reaches_both_ends_of_the_rectified_sigmoid():

@@ -1,5 +1,4 @@
 """The Flax transform: discovery, rules, simulate/observe, calibration, timestep tables, recipes."""
-import warnings
 
 import jax
 import jax.numpy as jnp

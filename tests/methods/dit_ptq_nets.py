@@ -11,6 +11,7 @@ import numpy as np
 
 from dqjax import models
 from dqjax.calib.data import CalibData
+from tests.nets import numpy_params
 
 NUM_CLASSES = 3
 TINY = models.DiTConfig(sample_size=4, in_channels=4, out_channels=4, patch_size=2, num_layers=1,
@@ -38,22 +39,22 @@ def tiny_dit(seed: int = 0, outliers: bool = True):
   x = jnp.zeros((2, 4, 4, 4))
   t = jnp.full((2,), 500.0)
   c = jnp.arange(2) % NUM_CLASSES
-  params = model.init(jax.random.key(seed), x, t, c)["params"]
+  params = numpy_params(model, x, t, c, seed=seed)
   if outliers:
     params = _with_outliers(params)
   return model, params, (x, t, c)
 
 
 def calib(steps: int = 4, n: int = 8, seed: int = 0) -> CalibData:
-  """CFG-shaped calibration data: every step's batch is [x; x] with labels [c; null]."""
+  """CFG-shaped calibration data: every step's batch is [x; x] with labels [c; null], the spread shrinking
+  along the trajectory (numpy draws: a jax.random draw compiles for seconds per shape)."""
   h = n // 2
-  x = jax.random.normal(jax.random.key(seed), (steps, h, 4, 4, 4))
-  x = x * (1.0 + 0.5 * jnp.arange(steps))[::-1, None, None, None, None]
-  xs = jnp.concatenate([x, x], axis=1)
-  labels = jnp.concatenate([jnp.arange(h) % NUM_CLASSES, jnp.full((h,), NUM_CLASSES)])
-  conds = jnp.broadcast_to(labels, (steps, n)).astype(jnp.int32)
-  ts = jnp.linspace(900.0, 100.0, steps).round()
-  return CalibData(xs, ts, conds, jnp.arange(steps))
+  x = np.random.default_rng(seed).standard_normal((steps, h, 4, 4, 4)).astype(np.float32)
+  x *= (1.0 + 0.5 * np.arange(steps, dtype=np.float32))[::-1, None, None, None, None]
+  labels = np.concatenate([np.arange(h) % NUM_CLASSES, np.full((h,), NUM_CLASSES)])
+  conds = np.broadcast_to(labels, (steps, n)).astype(np.int32)
+  ts = np.linspace(900.0, 100.0, steps).round().astype(np.float32)
+  return CalibData(*jax.device_put((np.concatenate([x, x], axis=1), ts, conds, np.arange(steps))))
 
 
 def fp_out(model, params, data: CalibData, step: int = 0):

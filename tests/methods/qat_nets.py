@@ -1,11 +1,10 @@
 """Shared tiny setups for the QAT / LoRA / ultra-low-bit method tests (tests/methods/test_{efficientdm,...}.py)."""
-import jax
 import jax.numpy as jnp
 import ml_collections
 
 from dqjax.diffusion import samplers, schedules
 from dqjax.methods import recipe
-from tests.nets import TinyNet
+from tests.nets import TinyNet, numpy_params
 
 ENV = recipe.DiffusionEnv(schedules.make_schedule("linear", 1000),
                           samplers.SamplerConfig("ddim", 4, clip_sample=True), (8, 8, 1))
@@ -16,7 +15,7 @@ T = jnp.full((2,), 10.0)
 def tiny():
   """(model, params) of the conv / time-dense / attention TinyNet."""
   model = TinyNet()
-  return model, model.init(jax.random.key(1), X, T)["params"]
+  return model, numpy_params(model, X, T, seed=1)
 
 
 def config(**fields):

@@ -31,9 +31,11 @@ def test_contiguous_groups_are_optimal_segments():
 def test_planted_distribution_change_gives_two_groups_and_two_scales():
   model, params, ex = cn.mini()           # the mini U-Net: its compiles cost a fraction of tiny_unet's
   steps, n = 8, 8
-  spread = jnp.where(jnp.arange(steps) < 5, 6.0, 1.0)[:, None, None, None, None]   # changes after step 4
-  xs = jax.random.normal(jax.random.key(0), (steps, n, 8, 8, 2)) * spread
-  data = CalibData(xs, jnp.linspace(950.0, 50.0, steps).round(), None, jnp.arange(steps))
+  spread = np.where(np.arange(steps) < 5, 6.0, 1.0)[:, None, None, None, None]   # changes after step 4
+  # numpy draws: a 5-D jax.random.normal compiles for seconds
+  xs = (np.random.default_rng(0).normal(size=(steps, n, 8, 8, 2)) * spread).astype(np.float32)
+  data = CalibData(*jax.device_put((xs, np.linspace(950.0, 50.0, steps).round().astype(np.float32))), None,
+                   jax.device_put(np.arange(steps)))
   from configs.methods.apq_dm import get_config
   c = get_config()
   c.num_groups, c.calib_steps, c.weight_init, c.act_init = 2, 4, "minmax", "minmax"

@@ -1,11 +1,19 @@
 """EDA-DM: TDAC step weights from feature density/diversity, and FBR's joint block + layer reconstruction."""
+import dataclasses
+
 import numpy as np
 
 from dqjax.calib import calib_sets
 from dqjax.calib import reconstruct as rc
 from dqjax.methods import recipe
 from dqjax.methods.eda_dm import step_features, tdac_weights
-from tests.methods.unet_ptq_nets import tiny_unet, trajectory
+from tests.methods.unet_ptq_nets import TINY, tiny_unet, trajectory
+
+
+# `unet_ptq_nets.TINY` cut to one resolution: still a ResBlock (the FBR block) and the middle attention (TDAC's
+# features), with half the ops to discover, calibrate and trace
+ONE_LEVEL = dataclasses.replace(TINY, block_out_channels=(8,), down_block_types=("DownBlock2D",),
+                                up_block_types=("UpBlock2D",))
 
 
 def test_tdac_weights_match_density_and_diversity():
@@ -29,7 +37,7 @@ def test_tdac_weights_match_density_and_diversity():
 
 
 def test_fbr_joint_block_and_layer_reconstruction():
-  model, params, ex = tiny_unet()
+  model, params, ex = tiny_unet(config=ONE_LEVEL)
   data = trajectory(steps=6, n=8)
   from configs.methods.eda_dm import get_config
   c = get_config()

@@ -1,6 +1,5 @@
 """Q-DiT: the evolutionary search respects its constraint and finds optima, the searched plan uses
 per-layer group sizes with dynamic per-token-group activations, and its fitness is the real model's error."""
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest

@@ -5,7 +5,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dqjax.calib import noise_stats as ns
 from dqjax.methods import recipe
 from dqjax.methods.qncd import embedding_factors, held_estimates, renoise_means, smoothing_pass
 from dqjax.transform import apply as qapply
