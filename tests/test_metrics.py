@@ -311,3 +311,30 @@ def test_tf1_bilinear_resize_and_preprocessing():
   np.testing.assert_allclose(pre[1], 127 / 128, rtol=1e-6)       # float32 resize of a constant
   with pytest.raises(ValueError, match="1 or 3 channels"):
     inception.preprocess(jnp.zeros((1, 8, 8, 2)))
+
+
+def test_reference_cache_round_trip_and_corrupt_file(tmp_path, monkeypatch, capsys):
+  """The reference is cached per machine; a cached file returns the computed arrays bit for bit, and an
+  unreadable one is recomputed and rewritten (not an error)."""
+  from dqjax.metrics import evaluator
+  calls = []
+
+  def fake_compute(path, x):
+    calls.append(path)
+    r = np.random.default_rng(len(calls))
+    return {k: r.normal(size=(3, 3)) for k in ("mu", "sigma", "mu_s", "sigma_s", "pool")}
+
+  monkeypatch.setattr(evaluator, "_compute_reference", fake_compute)
+  monkeypatch.setenv(evaluator.REFERENCE_CACHE_ENV, str(tmp_path))
+  first = evaluator.reference.__wrapped__()
+  (cached,) = tmp_path.iterdir()
+  again = evaluator.reference.__wrapped__()
+  assert len(calls) == 1 and all(np.array_equal(first[k], again[k]) for k in first)
+  cached.write_bytes(b"not an npz")
+  third = evaluator.reference.__wrapped__()
+  assert len(calls) == 2 and "unreadable" in capsys.readouterr().out
+  with np.load(cached) as f:
+    assert np.array_equal(f["sigma_s"], third["sigma_s"])
+  monkeypatch.setenv(evaluator.REFERENCE_CACHE_ENV, "off")
+  evaluator.reference.__wrapped__()
+  assert len(calls) == 3 and [p.name for p in tmp_path.iterdir()] == [cached.name]
