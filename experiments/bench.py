@@ -7,6 +7,9 @@ survey-style tables, image grids and per-row metrics into a run directory (resum
       --config.settings='("W4A8",)' --workdir=runs/mine
   python -m experiments.bench --config=configs/bench/survey.py --workdir=runs/survey --report_only
       # runs nothing: tables of every row finished in the workdir (by any invocation), coverage of the suite
+  python -m experiments.bench --config=configs/bench/survey.py --workdir=runs/survey --report_only \
+      --publish_to=docs/results/survey.md
+      # also puts the tables under that page's "## Tables" heading (its prose stays) and writes survey.csv
 """
 from __future__ import annotations
 
@@ -28,6 +31,8 @@ _OVERRIDES = flags.DEFINE_string(
     'e.g. \'{"tac_qdm": {"mask_keep": 1.0}}\'; rows keep the method\'s name, so give them their own --workdir')
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "run nothing: write the tables of every row finished in the "
                                    "workdir and their coverage of the suite")
+_PUBLISH_TO = flags.DEFINE_string("publish_to", None, "a results page (e.g. docs/results/survey.md): replace what "
+                                  "follows its '## Tables' heading with the tables and write its .csv beside it")
 
 
 def _parse_overrides(text: str) -> dict:
@@ -47,6 +52,8 @@ def main(argv):
   if _OVERRIDES.value:
     cfg.method_overrides = {**dict(cfg.get("method_overrides", {})), **_parse_overrides(_OVERRIDES.value)}
   suite = runner.suite_from_config(cfg)          # validates every field before heavy work
+  if _PUBLISH_TO.value:
+    report.check_publish_target(_PUBLISH_TO.value)
   workdir = _WORKDIR.value
   os.makedirs(workdir, exist_ok=True)
   if not _REPORT_ONLY.value:
@@ -67,6 +74,8 @@ def main(argv):
   runner.write_json_atomic(os.path.join(workdir, "metrics.json"), {"rows": rows, "wall_seconds": wall})
   print(open(paths["markdown"]).read())
   print(f"wrote {paths['markdown']}, {paths['csv']} and grids under {workdir}/grids ({wall:.0f} s)")
+  if _PUBLISH_TO.value:
+    print("published " + " and ".join(report.publish(paths["body"], rows, _PUBLISH_TO.value)))
 
 
 if __name__ == "__main__":

@@ -162,3 +162,17 @@ def test_csv_table_names_every_column_once():
   assert len(header) == len(set(header)) and header.count("quant_seconds") == 1
   parsed = next(csv.DictReader(text.splitlines()))
   assert (parsed["quant_seconds"], parsed["row_seconds"], parsed["fid"]) == ("2.0", "3.0", "1.5")
+
+
+def test_publish_replaces_only_the_tables_section(tmp_path):
+  doc = tmp_path / "survey.md"
+  doc.write_text("# Survey\n\nProse written by hand.\n\n## Tables\n\nold tables\n")
+  row = {"model": "m", "family": "baseline", "method": "minmax", "setting": "W8A8", "fid": 2.0}
+  paths = report.publish("### m\n\nnew tables\n", [row], str(doc))
+  assert doc.read_text() == "# Survey\n\nProse written by hand.\n\n## Tables\n\n### m\n\nnew tables\n"
+  assert paths[1] == str(tmp_path / "survey.csv") and "minmax,W8A8" in (tmp_path / "survey.csv").read_text()
+  (tmp_path / "other.md").write_text("# no tables heading\n")
+  with pytest.raises(ValueError, match="has no '## Tables' heading"):
+    report.check_publish_target(str(tmp_path / "other.md"))
+  with pytest.raises(ValueError, match="no such file"):
+    report.check_publish_target(str(tmp_path / "missing.md"))

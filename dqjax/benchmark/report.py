@@ -222,10 +222,40 @@ def write_reports(rows: Sequence[dict], workdir: str, *, header: str = "",
   cs = os.path.join(workdir, "table.csv")
   ranking = winners_table(rows)
   cost = cost_table(rows, planned, workers)
+  body = ((f"### Which method wins\n\n{ranking}\n" if ranking else "") +
+          (f"### Coverage\n\n{coverage_table(rows, planned)}\n" if planned else "") + markdown_table(rows) +
+          (f"\n### Where the time goes (process-minutes per model)\n\n{cost}" if cost else ""))
   with open(md, "w") as f:
-    f.write(header + "\n\n" + (f"### Which method wins\n\n{ranking}\n" if ranking else "") +
-            (f"### Coverage\n\n{coverage_table(rows, planned)}\n" if planned else "") + markdown_table(rows) +
-            (f"\n### Where the time goes (process-minutes per model)\n\n{cost}" if cost else ""))
+    f.write(header + "\n\n" + body)
   with open(cs, "w") as f:
     f.write(csv_table(rows))
-  return {"markdown": md, "csv": cs}
+  return {"markdown": md, "csv": cs, "body": body}
+
+
+TABLES_HEADING = "## Tables\n"
+
+
+def check_publish_target(doc: str) -> str:
+  """The text of results page `doc`, or a ValueError naming the flag when it is missing or has no
+  `## Tables` heading (checked before a bench starts, not after hours of rows)."""
+  if not os.path.isfile(doc):
+    raise ValueError(f"--publish_to={doc!r}: no such file; give an existing results page such as "
+                     "docs/results/survey.md")
+  with open(doc) as f:
+    text = f.read()
+  if TABLES_HEADING not in text:
+    raise ValueError(f"--publish_to={doc!r} has no '{TABLES_HEADING.strip()}' heading to put the tables under")
+  return text
+
+
+def publish(body: str, rows: Sequence[dict], doc: str) -> list[str]:
+  """Replace everything after the `## Tables` heading of the results page `doc` (its prose, written by hand,
+  stays) with the generated tables, and write the rows' CSV beside it (`doc` with .csv). Returns both paths."""
+  text = check_publish_target(doc)
+  text = text[:text.index(TABLES_HEADING)] + TABLES_HEADING + "\n" + body
+  out_csv = os.path.splitext(doc)[0] + ".csv"
+  for path, content in ((doc, text), (out_csv, csv_table(rows))):
+    with open(path + ".tmp", "w") as f:
+      f.write(content)
+    os.replace(path + ".tmp", path)
+  return [doc, out_csv]
