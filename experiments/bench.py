@@ -35,14 +35,11 @@ _PUBLISH_TO = flags.DEFINE_string("publish_to", None, "a results page (e.g. docs
                                   "follows its '## Tables' heading with the tables and write its .csv beside it")
 
 
-def _parse_overrides(text: str) -> dict:
+def _overrides(text: str) -> dict:
   try:
-    value = json.loads(text)
-  except json.JSONDecodeError as e:
-    raise app.UsageError(f"--method_overrides is not JSON ({e}); expected {{method: {{field: value}}}}") from None
-  if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
-    raise app.UsageError("--method_overrides must be a JSON object {method: {field: value}}")
-  return value
+    return runner.parse_method_overrides(text)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
 
 
 def main(argv):
@@ -50,10 +47,13 @@ def main(argv):
   compile_cache.enable()
   cfg = _CONFIG.value
   if _OVERRIDES.value:
-    cfg.method_overrides = {**dict(cfg.get("method_overrides", {})), **_parse_overrides(_OVERRIDES.value)}
+    cfg.method_overrides = {**dict(cfg.get("method_overrides", {})), **_overrides(_OVERRIDES.value)}
   suite = runner.suite_from_config(cfg)          # validates every field before heavy work
   if _PUBLISH_TO.value:
-    report.check_publish_target(_PUBLISH_TO.value)
+    try:
+      report.check_publish_target(_PUBLISH_TO.value)
+    except ValueError as e:
+      raise app.UsageError(str(e)) from None
   workdir = _WORKDIR.value
   os.makedirs(workdir, exist_ok=True)
   if not _REPORT_ONLY.value:

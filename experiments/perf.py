@@ -26,22 +26,6 @@ _CHECK = flags.DEFINE_bool("check", False, "recompute the ratios and compare the
 _WORKER = flags.DEFINE_string("sharded_worker", None, "internal: run the sharded measurements (JSON args)")
 
 
-def check_against(ratios: dict, path: str, tolerance: float) -> int:
-  """0 if no ratio regressed against the file at `path`, else 1 (messages are printed)."""
-  from dqjax.benchmark import perf
-  committed, meta = perf.load_ratios(path)
-  bad = perf.check_ratios(ratios, committed, tolerance)
-  shared = sorted(set(ratios) & set(committed))
-  print(f"checked {len(shared)} ratios against {path} (committed {meta.get('date', '?')}, config "
-        f"{meta.get('config', '?')}; tolerance {tolerance:.0%})")
-  for name in shared:
-    print(f"  {name}: now {ratios[name].value:.3g}, committed {committed[name].value:.3g} "
-          f"({committed[name].better} is better)")
-  for msg in bad:
-    print("REGRESSION " + msg)
-  return 1 if bad else 0
-
-
 # --- benchmarks ---------------------------------------------------------------------------------------
 def bench_calibration(cfg, name: str) -> dict:
   from dqjax import zoo
@@ -307,7 +291,7 @@ def main(argv):
   ratios = compute_ratios(results)
   results["ratios"] = ratios
   if _CHECK.value:
-    return check_against(ratios, cfg.ratio_file, cfg.tolerance)
+    return perf.check_against(ratios, cfg.ratio_file, cfg.tolerance)
   md = perf.write_report(results, cfg.out_dir)
   perf.save_ratios(cfg.ratio_file, ratios, {"config": cfg.config_path, "date": results["machine"]["date"],
                                             "load_average": results["machine"]["load_average"]})

@@ -89,15 +89,13 @@ def test_worker_handoff_keeps_jax_arrays():
 
 
 def test_method_overrides_flag_is_parsed_or_refused_with_the_expected_shape():
-  from absl import app
-  from experiments import bench
-  assert bench._parse_overrides('{"tac_qdm": {"mask_keep": 1.0}}') == {"tac_qdm": {"mask_keep": 1.0}}
-  with pytest.raises(app.UsageError, match="is not JSON"):
-    bench._parse_overrides("{tac_qdm: 1}")
-  with pytest.raises(app.UsageError, match="JSON object"):
-    bench._parse_overrides('{"tac_qdm": 1.0}')
+  assert runner.parse_method_overrides('{"tac_qdm": {"mask_keep": 1.0}}') == {"tac_qdm": {"mask_keep": 1.0}}
+  with pytest.raises(ValueError, match="is not JSON"):
+    runner.parse_method_overrides("{tac_qdm: 1}")
+  with pytest.raises(ValueError, match="JSON object"):
+    runner.parse_method_overrides('{"tac_qdm": 1.0}')
   cfg = _cfg(methods=("tac_qdm",))
-  cfg.method_overrides = bench._parse_overrides('{"tac_qdm": {"mask_keep": 1.0}}')
+  cfg.method_overrides = runner.parse_method_overrides('{"tac_qdm": {"mask_keep": 1.0}}')
   suite = runner.suite_from_config(cfg)
   assert runner.method_config("tac_qdm", dict(suite.method_overrides)["tac_qdm"]).mask_keep == 1.0
 

@@ -816,3 +816,19 @@ def _line_plot(path, x, cpu, wall, xlabel, title):
   fig.savefig(path, dpi=90)
   plt.close(fig)
   return path
+
+
+def check_against(ratios: dict, path: str, tolerance: float) -> int:
+  """0 if no ratio regressed against the file at `path`, else 1 (messages are printed): the exit code of
+  `python -m experiments.perf --check`."""
+  committed, meta = load_ratios(path)
+  bad = check_ratios(ratios, committed, tolerance)
+  shared = sorted(set(ratios) & set(committed))
+  print(f"checked {len(shared)} ratios against {path} (committed {meta.get('date', '?')}, config "
+        f"{meta.get('config', '?')}; tolerance {tolerance:.0%})")
+  for name in shared:
+    print(f"  {name}: now {ratios[name].value:.3g}, committed {committed[name].value:.3g} "
+          f"({committed[name].better} is better)")
+  for msg in bad:
+    print("REGRESSION " + msg)
+  return 1 if bad else 0

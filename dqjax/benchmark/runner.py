@@ -89,6 +89,17 @@ def suite_from_config(cfg: Any) -> SuiteConfig:
                      cfg.get("workers", 1))
 
 
+def parse_method_overrides(text: str) -> dict:
+  """--method_overrides JSON → {method: {config field: value}}, or a ValueError naming the flag and the shape."""
+  try:
+    value = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"--method_overrides is not JSON ({e}); expected {{method: {{field: value}}}}") from None
+  if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+    raise ValueError("--method_overrides must be a JSON object {method: {field: value}}")
+  return value
+
+
 def method_config(name: str, overrides: dict | None = None):
   """The method's config from configs/methods/<name>.py (None if it has none), with overrides applied.
 
