@@ -14,10 +14,6 @@ import os
 import platform
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
 from absl import app, flags
 
 from dqjax.zoo import registry

@@ -5,7 +5,6 @@ under docs/zoo/ and the summary table docs/zoo.md.
 """
 from __future__ import annotations
 
-import json
 import os
 
 import jax

@@ -7,7 +7,7 @@ count 32 × 32. 1 MB = 10^6 bytes.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import numpy as np

@@ -688,7 +688,6 @@ def write_report(results: dict, out_dir: str, *, plots: bool = True, md_path: Op
   if smp:
     rows = []
     for name, by in smp.items():
-      fp = by.get("fp")
       for mode, r in by.items():
         rows.append([name, mode, _fmt(r["trace_lower_s"]), _fmt(r["compile_s"]), _timing_cell(r["run"]),
                      _fmt(r["run"]["cpu_median"]), _fmt(r.get("over_fp")), _fmt(r.get("over_fp_wall")),

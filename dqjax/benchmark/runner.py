@@ -15,7 +15,7 @@ import multiprocessing
 import os
 import sys
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp

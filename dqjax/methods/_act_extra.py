@@ -33,7 +33,6 @@ from flax import struct
 
 from dqjax.methods.recipe import QModel
 from dqjax.quant import log_quant
-from dqjax.quant import tables
 from dqjax.transform import apply as qapply
 from dqjax.transform.discover import module_path
 from dqjax.transform.rules import Plan

@@ -22,7 +22,6 @@ this project asks for group-wise weights and activations, so both are the defaul
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from dqjax.calib import calibrate

@@ -35,7 +35,7 @@ import math
 
 import jax.numpy as jnp
 
-from dqjax.calib import calibrate, distill
+from dqjax.calib import distill
 from dqjax.methods import _qat
 from dqjax.methods.recipe import Recipe, register
 from dqjax.quant import lowbit

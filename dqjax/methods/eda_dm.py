@@ -28,7 +28,6 @@ hard switch can move many weights).
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 

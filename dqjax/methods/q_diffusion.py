@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import re
 
-from dqjax.calib import calibrate
 from dqjax.calib import reconstruct as rc
 from dqjax.calib.calib_sets import trajectory_for
 from dqjax.calib.data import select

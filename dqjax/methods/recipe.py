@@ -12,7 +12,6 @@ import dataclasses
 from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
-import jax
 
 from dqjax.calib.data import CalibData
 from dqjax.transform import apply as qapply

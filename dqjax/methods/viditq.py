@@ -28,7 +28,6 @@ from __future__ import annotations
 import math
 import re
 
-import numpy as np
 
 from dqjax.calib import calibrate
 from dqjax.calib import smoothing as sm

@@ -37,7 +37,6 @@ import re
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from dqjax.methods.recipe import QModel

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import time
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
