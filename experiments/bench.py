@@ -10,6 +10,9 @@ survey-style tables, image grids and per-row metrics into a run directory (resum
   python -m experiments.bench --config=configs/bench/survey.py --workdir=runs/survey --report_only \
       --publish_to=docs/results/survey.md
       # also puts the tables under that page's "## Tables" heading (its prose stays) and writes survey.csv
+  python -m experiments.bench --config=configs/bench/survey.py --workdir=runs/survey \
+      --seed_rows_from=docs/results/survey.csv
+      # on a new machine: the committed rows count as done, only rows missing from the CSV run
 """
 from __future__ import annotations
 
@@ -31,6 +34,8 @@ _OVERRIDES = flags.DEFINE_string(
     'e.g. \'{"tac_qdm": {"mask_keep": 1.0}}\'; rows keep the method\'s name, so give them their own --workdir')
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "run nothing: write the tables of every row finished in the "
                                    "workdir and their coverage of the suite")
+_SEED_ROWS = flags.DEFINE_string("seed_rows_from", None, "a committed results CSV (e.g. docs/results/survey.csv): "
+                                 "its rows count as finished in the workdir (no grids or per-step errors for them)")
 _PUBLISH_TO = flags.DEFINE_string("publish_to", None, "a results page (e.g. docs/results/survey.md): replace what "
                                   "follows its '## Tables' heading with the tables and write its .csv beside it")
 
@@ -56,6 +61,11 @@ def main(argv):
       raise app.UsageError(str(e)) from None
   workdir = _WORKDIR.value
   os.makedirs(workdir, exist_ok=True)
+  if _SEED_ROWS.value:
+    try:
+      print(f"{runner.seed_rows_from_csv(_SEED_ROWS.value, workdir)} rows restored from {_SEED_ROWS.value}")
+    except ValueError as e:
+      raise app.UsageError(str(e)) from None
   if not _REPORT_ONLY.value:
     runner.write_json_atomic(os.path.join(workdir, "config.json"), json.loads(cfg.to_json_best_effort()))
   start = time.perf_counter()

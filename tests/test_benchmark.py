@@ -174,3 +174,22 @@ def test_publish_replaces_only_the_tables_section(tmp_path):
     report.check_publish_target(str(tmp_path / "other.md"))
   with pytest.raises(ValueError, match="no such file"):
     report.check_publish_target(str(tmp_path / "missing.md"))
+
+
+def test_rows_seeded_from_a_results_csv_round_trip(tmp_path):
+  """A new machine resumes a suite from the committed CSV: its rows come back as finished rows, floats exact."""
+  rows = [{"model": "ldm-mnist", "family": "baseline", "method": "minmax", "setting": "W4A8", "w_bits": 4,
+           "a_bits": 8, "fid": 16.94137123456789, "psnr": float("inf"), "cond_acc": None, "quant_seconds": 1.5,
+           "row_seconds": 2.25, "num_samples": 256}]
+  csv_path = tmp_path / "survey.csv"
+  csv_path.write_text(report.csv_table(rows))
+  assert runner.seed_rows_from_csv(str(csv_path), str(tmp_path / "w")) == 1
+  (back,) = runner.load_rows(str(tmp_path / "w"))
+  assert back.pop("restored_from_csv") is True
+  assert {k: v for k, v in back.items() if v is not None} == {k: v for k, v in rows[0].items() if v is not None}
+  assert runner.seed_rows_from_csv(str(csv_path), str(tmp_path / "w")) == 0          # present rows are kept
+  (tmp_path / "bad.csv").write_text("model,method\nldm-mnist,minmax\n")
+  with pytest.raises(ValueError, match="line 2 is not a results row"):
+    runner.seed_rows_from_csv(str(tmp_path / "bad.csv"), str(tmp_path / "w2"))
+  with pytest.raises(ValueError, match="no such file"):
+    runner.seed_rows_from_csv(str(tmp_path / "missing.csv"), str(tmp_path / "w2"))

@@ -297,6 +297,36 @@ def load_rows(workdir: str) -> list[dict]:
   return out
 
 
+_CSV_TEXT = ("model", "family", "method", "setting")
+_CSV_INT = ("w_bits", "a_bits", "num_samples")
+
+
+def seed_rows_from_csv(csv_path: str, workdir: str) -> int:
+  """Write every row of a committed results CSV (e.g. docs/results/survey.csv) that `workdir` does not hold yet
+  as a finished row, so that a run on a new machine resumes instead of recomputing them; returns how many.
+
+  A restored row has the CSV's columns only (no per-step errors `traj_mse`, grids or samples) and is marked
+  `restored_from_csv`; floats round-trip exactly (the CSV holds their repr)."""
+  import csv
+  if not os.path.isfile(csv_path):
+    raise ValueError(f"--seed_rows_from={csv_path!r}: no such file; give a results CSV such as "
+                     "docs/results/survey.csv")
+  os.makedirs(os.path.join(workdir, "rows"), exist_ok=True)
+  written = 0
+  with open(csv_path, newline="") as f:
+    for line, rec in enumerate(csv.DictReader(f), start=2):
+      try:
+        row = {k: (v if k in _CSV_TEXT else None if v == "" else int(v) if k in _CSV_INT else float(v))
+               for k, v in rec.items() if k is not None}
+        path = row_path(workdir, row["model"], row["method"], row["setting"])
+      except (KeyError, ValueError, TypeError) as e:
+        raise ValueError(f"--seed_rows_from={csv_path!r}: line {line} is not a results row ({e})") from None
+      if not os.path.exists(path):
+        write_json_atomic(path, {**row, "restored_from_csv": True})
+        written += 1
+  return written
+
+
 def run_suite(suite: SuiteConfig, workdir: str) -> list[dict]:
   """Run every row not already in `workdir` and return all rows (done before + now), in suite order."""
   os.makedirs(os.path.join(workdir, "rows"), exist_ok=True)
