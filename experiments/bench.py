@@ -24,7 +24,7 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-from dqjax import compile_cache
+from dqjax import atomic, compile_cache
 from dqjax.benchmark import report, runner
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/bench/quick.py", "bench suite config")
@@ -67,7 +67,7 @@ def main(argv):
     except ValueError as e:
       raise app.UsageError(str(e)) from None
   if not _REPORT_ONLY.value:
-    runner.write_json_atomic(os.path.join(workdir, "config.json"), json.loads(cfg.to_json_best_effort()))
+    atomic.write_json(os.path.join(workdir, "config.json"), json.loads(cfg.to_json_best_effort()))
   start = time.perf_counter()
   if _REPORT_ONLY.value:
     rows = runner.load_rows(workdir)    # every finished row, also those of other invocations' settings
@@ -81,7 +81,7 @@ def main(argv):
             f"{os.cpu_count()} CPU cores; date {time.strftime('%Y-%m-%d')}; {ran}.")
   paths = report.write_reports(rows, workdir, header=header, planned=runner.planned_rows(suite),
                                workers=suite.workers)
-  runner.write_json_atomic(os.path.join(workdir, "metrics.json"), {"rows": rows, "wall_seconds": wall})
+  atomic.write_json(os.path.join(workdir, "metrics.json"), {"rows": rows, "wall_seconds": wall})
   print(open(paths["markdown"]).read())
   print(f"wrote {paths['markdown']}, {paths['csv']} and grids under {workdir}/grids ({wall:.0f} s)")
   if _PUBLISH_TO.value:

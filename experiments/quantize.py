@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from dqjax import checkpoint, compile_cache, metrics, zoo
+from dqjax import atomic, checkpoint, compile_cache, metrics, zoo
 from dqjax.benchmark import costs, report, runner
 from dqjax.methods import recipe as recipe_lib
 from dqjax.quant.spec import parse_bits
@@ -65,7 +65,7 @@ def main(argv):
   mcfg = runner.method_config(_METHOD.value)
   if mcfg is not None:
     config["method_config"] = json.loads(mcfg.to_json_best_effort())
-  runner.write_json_atomic(os.path.join(workdir, "config.json"), config)
+  atomic.write_json(os.path.join(workdir, "config.json"), config)
 
   suite = runner.SuiteConfig(models=(_MODEL.value,), methods=(_METHOD.value,), settings=(_SETTING.value.upper(),),
                              num_samples=_SAMPLES.value, batch_size=min(_SAMPLES.value, 250),
@@ -91,7 +91,7 @@ def main(argv):
   scores.update(psnr=float(metrics.psnr(images, run.fp_images)), ssim=float(metrics.ssim(images, run.fp_images)),
                 quant_seconds=quant_seconds, **costs.row_costs(entry, qm.plan))
   scores["traj_mse"] = [float(v) for v in np.asarray(metrics.trajectory_mse(traj.xs, run.fp_traj.xs))]
-  runner.write_json_atomic(os.path.join(workdir, "metrics.json"), scores)
+  atomic.write_json(os.path.join(workdir, "metrics.json"), scores)
   row = {"model": _MODEL.value, "method": _METHOD.value, "setting": _SETTING.value.upper(), **scores,
          "num_samples": _SAMPLES.value}
   with open(os.path.join(workdir, "table.md"), "w") as f:

@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dqjax import atomic
+
 from dqjax.calib import calibrate, search
 from dqjax.calib.data import CalibData
 from dqjax.quant import ops as qops
@@ -552,11 +554,7 @@ class Ratio:
 
 def save_ratios(path: str, ratios: dict, meta: Optional[dict] = None) -> None:
   obj = {"meta": meta or {}, "ratios": {k: dataclasses.asdict(r) for k, r in sorted(ratios.items())}}
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1)
-  os.replace(tmp, path)
+  atomic.write_json(path, obj)
 
 
 def load_ratios(path: str) -> tuple[dict, dict]:

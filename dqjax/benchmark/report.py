@@ -9,6 +9,8 @@ from typing import Sequence
 
 import numpy as np
 
+from dqjax import atomic
+
 # (column title, row key, format); ↑/↓ say which direction is better, as in the survey's tables.
 COLUMNS = (
     ("Method", "method", "{}"),
@@ -254,8 +256,4 @@ def publish(body: str, rows: Sequence[dict], doc: str) -> list[str]:
   text = check_publish_target(doc)
   text = text[:text.index(TABLES_HEADING)] + TABLES_HEADING + "\n" + body
   out_csv = os.path.splitext(doc)[0] + ".csv"
-  for path, content in ((doc, text), (out_csv, csv_table(rows))):
-    with open(path + ".tmp", "w") as f:
-      f.write(content)
-    os.replace(path + ".tmp", path)
-  return [doc, out_csv]
+  return [atomic.write_text(doc, text), atomic.write_text(out_csv, csv_table(rows))]

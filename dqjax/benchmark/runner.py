@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from dqjax import atomic
 from dqjax.benchmark import costs
 from dqjax.calib.data import CalibData, from_trajectory, select
 from dqjax.methods import recipe as recipe_lib
@@ -322,7 +323,7 @@ def seed_rows_from_csv(csv_path: str, workdir: str) -> int:
       except (KeyError, ValueError, TypeError) as e:
         raise ValueError(f"--seed_rows_from={csv_path!r}: line {line} is not a results row ({e})") from None
       if not os.path.exists(path):
-        write_json_atomic(path, {**row, "restored_from_csv": True})
+        atomic.write_json(path, {**row, "restored_from_csv": True})
         written += 1
   return written
 
@@ -378,7 +379,7 @@ def _save_row(workdir: str, key: tuple[str, str, str], row: dict, images, save_g
     report.save_grid(images[:64], os.path.join(workdir, "grids", f"{name}.png"))
     os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
     np.save(os.path.join(workdir, "samples", f"{name}.npy"), images[:16])
-  write_json_atomic(row_path(workdir, *key), row)
+  atomic.write_json(row_path(workdir, *key), row)
 
 
 # --- worker processes ----------------------------------------------------------------------------------
@@ -426,11 +427,3 @@ def _worker_row(key: tuple[str, str, str], suite: SuiteConfig):
   if run.entry is None:
     run = _WORKER_RUNS[model] = dataclasses.replace(run, entry=zoo.load(model))
   return _safe_row(run, method, setting, suite)
-
-
-def write_json_atomic(path: str, obj):
-  """Write JSON so that a reader never sees a half-written file (temporary file, then rename)."""
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1)
-  os.replace(tmp, path)

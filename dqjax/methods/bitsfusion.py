@@ -21,8 +21,6 @@ per-tensor MSE quantizers that stay frozen (the paper is weight-only: the bench 
 """
 from __future__ import annotations
 
-
-
 import jax
 import jax.numpy as jnp
 import numpy as np

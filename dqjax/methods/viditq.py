@@ -28,7 +28,6 @@ from __future__ import annotations
 import math
 import re
 
-
 from dqjax.calib import calibrate
 from dqjax.calib import smoothing as sm
 from dqjax.methods import common

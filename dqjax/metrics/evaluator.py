@@ -114,8 +114,9 @@ def reference(path: str = WEIGHTS) -> dict:
     except (OSError, ValueError, KeyError, EOFError) as e:      # corrupt or partial: recompute and rewrite
       print(f"recomputing the evaluator reference: cache {cache} is unreadable ({type(e).__name__})")
   ref = _compute_reference(path, x)
-  if cache is not None:
-    _save_npz_atomic(cache, ref)
+  if cache is not None:      # two processes computing it at once write the same bytes
+    from dqjax import atomic
+    atomic.write(cache, lambda f: np.savez(f, **ref), mode="wb")
   return ref
 
 
@@ -138,17 +139,3 @@ def _reference_cache_path(path: str, images: np.ndarray) -> str | None:
   h.update(np.ascontiguousarray(images, np.float32).tobytes())
   return os.path.join(root, f"evaluator-{h.hexdigest()[:16]}.npz")
 
-
-def _save_npz_atomic(dest: str, arrays: dict) -> None:
-  """Write to a temporary file in the same directory, then rename: a reader never sees half a file (two
-  processes computing it at once both write the same bytes)."""
-  import tempfile
-  os.makedirs(os.path.dirname(dest), exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest), suffix=".npz.tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, **arrays)
-    os.replace(tmp, dest)
-  except BaseException:
-    os.unlink(tmp)
-    raise
